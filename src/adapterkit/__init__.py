@@ -1,0 +1,97 @@
+"""adapterkit: parameter-efficient adapters for PyTorch.
+
+    import adapterkit as ak
+    ak.attach(model, ak.LoRAConfig(r=8, target_modules=["query", "value"]))
+    ... train ...
+    ak.save(model, "out/sentiment")
+    ak.fuse(model); ak.unfuse(model)   # bit-exact
+"""
+
+from . import errors
+from ._version import __version__
+from .api import (
+    activate,
+    active_adapters,
+    adapter_parameters,
+    adapters,
+    attach,
+    config_of,
+    detach,
+    fuse,
+    fused_adapters,
+    switch,
+    trainable_parameters,
+    unfuse,
+)
+from .artefact import load, save
+from .config import AdapterConfig
+from .errors import (
+    AdapterError,
+    AdapterNotFoundError,
+    ArtefactError,
+    BaseModelMismatchError,
+    ConfigError,
+    CorruptFileError,
+    DataNotFoundError,
+    DuplicateAdapterError,
+    FingerprintMismatchError,
+    FusedStateError,
+    FusionError,
+    MissingFileError,
+    NonFiniteWeightsError,
+    NotFusableError,
+    TargetError,
+    UnknownMethodError,
+    UnsafeFileError,
+    UnsupportedError,
+)
+from .layers import AdaptedModule, AdapterLayer, DeltaLayer, ModuleLayer
+from .methods import LoRAConfig
+from .registry import AdapterMethod, get_method, register_method, registered_methods
+
+__all__ = [
+    "__version__",
+    "errors",
+    "activate",
+    "active_adapters",
+    "adapter_parameters",
+    "adapters",
+    "attach",
+    "config_of",
+    "detach",
+    "fuse",
+    "fused_adapters",
+    "switch",
+    "trainable_parameters",
+    "unfuse",
+    "load",
+    "save",
+    "AdapterConfig",
+    "LoRAConfig",
+    "AdaptedModule",
+    "AdapterLayer",
+    "DeltaLayer",
+    "ModuleLayer",
+    "AdapterMethod",
+    "get_method",
+    "register_method",
+    "registered_methods",
+    "AdapterError",
+    "AdapterNotFoundError",
+    "ArtefactError",
+    "BaseModelMismatchError",
+    "ConfigError",
+    "CorruptFileError",
+    "DataNotFoundError",
+    "DuplicateAdapterError",
+    "FingerprintMismatchError",
+    "FusedStateError",
+    "FusionError",
+    "MissingFileError",
+    "NonFiniteWeightsError",
+    "NotFusableError",
+    "TargetError",
+    "UnknownMethodError",
+    "UnsafeFileError",
+    "UnsupportedError",
+]

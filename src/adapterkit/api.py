@@ -1,0 +1,293 @@
+"""The public model-level operations: attach, detach, activate, fuse, unfuse, switch.
+
+Every function validates its whole request before it changes anything, so a call that raises
+leaves the model bit-identical to before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterator, Sequence
+
+from torch import nn
+
+from .config import AdapterConfig
+from .errors import (
+    AdapterError,
+    BaseModelMismatchError,
+    ConfigError,
+    DuplicateAdapterError,
+    FusedStateError,
+    FusionError,
+    NotFusableError,
+    TargetError,
+)
+from .layers import AdaptedModule, AdapterLayer, DeltaLayer, ModuleCopy
+from .registry import method_for
+from .state import AdapterRecord, ModelState, Weighted, drop_state, ensure_state, get_state, is_fusable, peek_state
+from .targeting import logical_modules, select_modules
+
+Names = str | Sequence[str] | None
+
+
+@dataclasses.dataclass
+class PreparedAdapter:
+    """An adapter built and validated against a model but not yet inserted into it."""
+
+    record: AdapterRecord
+    layers: dict[str, AdapterLayer]
+
+
+def prepare(
+    model: nn.Module,
+    config: AdapterConfig,
+    name: str,
+    targets: Sequence[str] | None = None,
+    copies: Sequence[str] | None = None,
+) -> PreparedAdapter:
+    """Build the layers of a new adapter without touching the model.
+
+    ``targets``/``copies`` name the modules explicitly (when loading a file); otherwise the
+    config's matching rules select them.
+    """
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"adapter name must be a non-empty string, got {name!r}")
+    if not isinstance(config, AdapterConfig):
+        raise ConfigError(f"expected an adapter config such as ak.LoRAConfig, got {type(config).__name__}")
+    state = get_state(model)
+    if name in state.adapters:
+        raise DuplicateAdapterError(f"an adapter named {name!r} is already attached; detach it or choose another name")
+    method = method_for(config)
+    explicit = targets is not None
+    if not explicit:
+        targets, copies = select_modules(model, config)
+    modules = dict(logical_modules(model))
+    layers: dict[str, AdapterLayer] = {}
+    for path in list(targets) + list(copies or ()):
+        if path not in modules:
+            raise BaseModelMismatchError(f"module {path!r} does not exist in {type(model).__name__}")
+    for path in targets:
+        module = modules[path]
+        if not method.supports(module):
+            raise TargetError(f"module {path!r} ({type(module).__name__}) cannot be adapted by method {method.name!r}")
+        layers[path] = method.create_layer(config, name, path, module)
+    for path in copies or ():
+        layers[path] = ModuleCopy(name, modules[path])
+    fusable = all(is_fusable(layer) for layer in layers.values())
+    record = AdapterRecord(name, config, method, tuple(targets), tuple(copies or ()), fusable)
+    return PreparedAdapter(record, layers)
+
+
+def _replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_name, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def commit(model: nn.Module, prepared: PreparedAdapter) -> None:
+    """Insert a prepared adapter into the model (cannot fail on valid input)."""
+    state = ensure_state(model)
+    record = prepared.record
+    for path, layer in prepared.layers.items():
+        wrapper = state.wrappers.get(path)
+        if wrapper is None:
+            wrapper = AdaptedModule(model.get_submodule(path))
+            _replace_module(model, path, wrapper)
+            state.wrappers[path] = wrapper
+        wrapper.add(layer)
+    adapter_params = {id(p) for w in state.wrappers.values() for p in w.adapters.parameters()}
+    for param in model.parameters():
+        if id(param) not in adapter_params:
+            param.requires_grad_(False)
+    for layer in prepared.layers.values():
+        layer.requires_grad_(True)
+    state.adapters[record.name] = record
+    if not state.active:
+        state.active = ((record.name, 1.0),)
+    state.refresh_plans()
+
+
+def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn.Module:
+    """Add a new adapter to ``model`` in place and return the model.
+
+    The base model's parameters are frozen and the new adapter's are trainable. If no adapter
+    was active, the new one becomes active.
+    """
+    commit(model, prepare(model, config, name))
+    return model
+
+
+def adapters(model: nn.Module) -> list[str]:
+    """Names of the attached adapters, in the order they were attached."""
+    return list(get_state(model).adapters)
+
+
+def active_adapters(model: nn.Module) -> list[tuple[str, float]]:
+    """The active adapters as ``(name, weight)`` pairs."""
+    return list(get_state(model).active)
+
+
+def fused_adapters(model: nn.Module) -> list[tuple[str, float]]:
+    """The adapters currently folded into the base weights, as ``(name, weight)`` pairs."""
+    return list(get_state(model).fused)
+
+
+def config_of(model: nn.Module, name: str) -> AdapterConfig:
+    """The config adapter ``name`` was attached with."""
+    return get_state(model).record(name).config
+
+
+def _weighted(state: ModelState, names: Names, weights: Sequence[float] | None) -> Weighted:
+    if names is None:
+        names = ()
+    elif isinstance(names, str):
+        names = (names,)
+    names = tuple(names)
+    if len(set(names)) != len(names):
+        raise ConfigError(f"adapter names repeat: {list(names)}")
+    for name in names:
+        state.record(name)
+    if weights is None:
+        weights = [1.0] * len(names)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(names):
+        raise ConfigError(f"{len(names)} adapter names but {len(weights)} weights")
+    if not all(math.isfinite(w) for w in weights):
+        raise ConfigError(f"adapter weights must be finite, got {weights}")
+    return tuple(zip(names, weights))
+
+
+def _check_replacements(state: ModelState, active: Weighted) -> None:
+    names = {name for name, _ in active}
+    for path, wrapper in state.wrappers.items():
+        copies = [l.adapter_name for l in wrapper.adapters if isinstance(l, ModuleCopy) and l.adapter_name in names]
+        if len(copies) > 1:
+            raise AdapterError(f"adapters {copies} each replace module {path!r}; activate only one of them")
+
+
+def _delta_part(state: ModelState, active: Weighted) -> Weighted:
+    return tuple((n, w) for n, w in active if state.adapters[n].fusable)
+
+
+def activate(model: nn.Module, names: Names, weights: Sequence[float] | None = None) -> None:
+    """Choose the adapters that run: one name, several (outputs add, scaled by ``weights``), or None.
+
+    While adapters are fused, the weight-delta part of the new set must equal the fused set
+    (use :func:`switch` or :func:`unfuse` to change it).
+    """
+    state = get_state(model)
+    active = _weighted(state, names, weights)
+    _check_replacements(state, active)
+    if state.fused and _delta_part(state, active) != state.fused:
+        raise FusedStateError(
+            f"adapters {[n for n, _ in state.fused]} are fused; call ak.switch(...) or ak.unfuse(...) before activating others"
+        )
+    state.active = active
+    state.refresh_plans()
+
+
+def _fuse_into_weights(state: ModelState, target: Weighted, exact: bool) -> None:
+    for wrapper in state.wrappers.values():
+        deltas = []
+        for name, weight in target:
+            layer = wrapper.layer(name)
+            if isinstance(layer, DeltaLayer):
+                deltas.append((layer, weight))
+        if deltas or wrapper.fusion.is_fused:
+            wrapper.fusion.set(wrapper.weight, deltas, exact)
+
+
+def fuse(model: nn.Module, names: Names = None, weights: Sequence[float] | None = None, exact: bool = True) -> None:
+    """Fold weight-delta adapters into the base weights (the active ones, or ``names``).
+
+    Whatever was fused before is replaced. With ``exact=True`` (default) the original weights
+    are kept (dense deltas: one host copy of each fused weight; sparse deltas: only the touched
+    entries) so :func:`unfuse` restores them bit-for-bit. ``exact=False`` saves that memory and
+    subtracts on unfuse, which drifts by rounding error.
+    """
+    state = get_state(model)
+    if names is None:
+        target = _delta_part(state, state.active)
+        if not target:
+            raise FusionError("no active weight-delta adapter to fuse; name the adapters to fuse")
+        unfusable = [n for n, _ in state.active if not state.adapters[n].fusable]
+        active = state.active
+    else:
+        target = _weighted(state, names, weights)
+        unfusable = [n for n, _ in target if not state.adapters[n].fusable]
+        if unfusable:
+            raise NotFusableError(
+                f"adapter(s) {unfusable} insert modules and cannot be folded into base weights; keep them active unfused"
+            )
+        active = target + tuple((n, w) for n, w in state.active if not state.adapters[n].fusable)
+    _check_replacements(state, active)
+    _fuse_into_weights(state, target, exact)
+    state.fused, state.fused_exact, state.active = target, exact, active
+    state.refresh_plans()
+
+
+def unfuse(model: nn.Module) -> None:
+    """Restore every base weight to its original value (bit-for-bit after an exact fuse).
+
+    The adapters stay active and now run unfused, so outputs do not change.
+    """
+    state = get_state(model)
+    for wrapper in state.wrappers.values():
+        wrapper.fusion.restore(wrapper.weight)
+    state.fused = ()
+    state.refresh_plans()
+
+
+def switch(model: nn.Module, name: str, weight: float = 1.0) -> None:
+    """Fused mode: replace whatever is fused with adapter ``name``.
+
+    For dense deltas this is a single pass per layer that writes ``original + ΔW_name``.
+    """
+    state = get_state(model)
+    fuse(model, [name], [weight], exact=state.fused_exact if state.fused else True)
+
+
+def detach(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` and free its memory.
+
+    If it was fused, the base weights are restored first (and the rest of the fused set is
+    fused again). When no adapter is left, the model's modules are the original objects again.
+    """
+    state = get_state(model)
+    record = state.record(name)
+    if any(n == name for n, _ in state.fused):
+        remaining = tuple((n, w) for n, w in state.fused if n != name)
+        _fuse_into_weights(state, remaining, state.fused_exact)
+        state.fused = remaining
+    for path in record.modules:
+        wrapper = state.wrappers[path]
+        wrapper.remove(name)
+        if len(wrapper.adapters) == 0:
+            _replace_module(model, path, wrapper.base_layer)
+            del state.wrappers[path]
+    del state.adapters[name]
+    state.active = tuple((n, w) for n, w in state.active if n != name)
+    state.refresh_plans()
+    if not state.adapters:
+        drop_state(model)
+
+
+def adapter_parameters(model: nn.Module, name: str) -> Iterator[nn.Parameter]:
+    """The trainable tensors of adapter ``name`` (e.g. for an optimizer)."""
+    for _, layer in get_state(model).layers(name):
+        yield from layer.parameters()
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts of the model, adapters included."""
+    trainable = total = 0
+    for param in model.parameters():
+        total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+    return trainable, total
+
+
+def has_adapters(model: nn.Module) -> bool:
+    return peek_state(model) is not None

@@ -1,0 +1,200 @@
+"""Saving and loading adapters: adapterkit's own directory format and PEFT's.
+
+adapterkit directory::
+
+    adapter_config.json   method, adapterkit version, full config, base-model fingerprint
+    adapter.safetensors   tensors keyed "<module path>.<local key>", e.g. "encoder.layer.0.attention.self.query.lora_A"
+
+Loading validates everything (files, JSON, tensors finite, modules present, shapes, fingerprint)
+before the model is touched.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+from torch import Tensor, nn
+
+from ._version import __version__
+from .api import PreparedAdapter, commit, prepare
+from .errors import (
+    AdapterError,
+    BaseModelMismatchError,
+    ConfigError,
+    CorruptFileError,
+    FingerprintMismatchError,
+    MissingFileError,
+    UnsupportedError,
+)
+from .fingerprint import base_fingerprint
+from .peft_format import CONFIG_FILE, WEIGHTS_FILE as PEFT_WEIGHTS_FILE, join_keys, split_keys
+from .registry import get_method, registered_methods
+from .safefiles import check_finite, read_json, read_metadata, read_tensors, write_json, write_tensors
+from .state import get_state
+from .targeting import is_module_to_save, logical_modules
+
+FORMAT = "adapterkit"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "adapter.safetensors"
+FORMATS = ("adapterkit", "peft")
+
+
+def save(model: nn.Module, directory: str | Path, name: str = "default", format: str = "adapterkit") -> Path:
+    """Write adapter ``name`` to ``directory`` (created if needed) and return the directory.
+
+    ``format="peft"`` writes ``adapter_model.safetensors`` + a standard PEFT
+    ``adapter_config.json`` that ``peft.PeftModel.from_pretrained`` loads.
+    """
+    if format not in FORMATS:
+        raise ConfigError(f"format must be one of {FORMATS}, got {format!r}")
+    state = get_state(model)
+    record = state.record(name)
+    by_module = {path: layer.tensors() for path, layer in state.layers(name)}
+    for path, tensors in by_module.items():
+        check_finite(tensors, f"refusing to save adapter {name!r} at {path}")
+    fingerprint = base_fingerprint(model, record.targets, record.copies)
+    directory = Path(directory)
+    metadata = {"format": "pt", "adapterkit_version": __version__, "adapterkit_method": record.method.name}
+    if format == "peft":
+        codec = record.method.peft
+        if codec is None:
+            raise UnsupportedError(f"method {record.method.name!r} has no PEFT file format; save with format='adapterkit'")
+        tensors = join_keys(
+            codec,
+            {p: by_module[p] for p in record.targets},
+            {p: by_module[p] for p in record.copies},
+        )
+        config = {
+            "peft_type": codec.peft_type,
+            "task_type": None,
+            "base_model_name_or_path": fingerprint["name_or_path"],
+            "revision": None,
+            "inference_mode": True,
+            **codec.to_peft(record.config, list(record.targets)),
+        }
+        metadata["adapterkit_fingerprint"] = json.dumps(fingerprint)
+        write_tensors(directory / PEFT_WEIGHTS_FILE, tensors, metadata)
+        write_json(directory / CONFIG_FILE, config)
+        return directory
+    tensors = {f"{path}.{key}": t for path, local in by_module.items() for key, t in local.items()}
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "adapterkit_version": __version__,
+        "method": record.method.name,
+        "name": name,
+        "config": record.config.to_dict(),
+        "base_model": fingerprint,
+    }
+    write_tensors(directory / WEIGHTS_FILE, tensors, metadata)
+    write_json(directory / CONFIG_FILE, config)
+    return directory
+
+
+def load(model: nn.Module, directory: str | Path, name: str | None = None, *, ignore_fingerprint: bool = False) -> str:
+    """Attach the adapter saved in ``directory`` (adapterkit or PEFT format); return its name.
+
+    The name defaults to the saved one (``"default"`` for PEFT directories). A base model whose
+    targeted weights differ from the ones the adapter was trained on raises
+    :class:`FingerprintMismatchError` unless ``ignore_fingerprint=True``.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise MissingFileError(f"adapter directory not found: {directory}")
+    data = read_json(directory / CONFIG_FILE)
+    if "peft_type" in data:
+        prepared = _read_peft(model, directory, data, name or "default", ignore_fingerprint)
+    elif data.get("format") == FORMAT:
+        prepared = _read_native(model, directory, data, name, ignore_fingerprint)
+    else:
+        raise CorruptFileError(f"{directory / CONFIG_FILE}: neither an adapterkit nor a PEFT adapter config")
+    commit(model, prepared)
+    return prepared.record.name
+
+
+def _config_from(where: Path, build: Any, *args: Any) -> Any:
+    try:
+        return build(*args)
+    except AdapterError as exc:
+        raise type(exc)(f"{where}: {exc}") from None
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CorruptFileError(f"{where}: invalid adapter config ({exc})") from None
+
+
+def _fill(prepared: PreparedAdapter, by_module: Mapping[str, Mapping[str, Tensor]], where: Path) -> None:
+    extra = sorted(set(by_module) - set(prepared.layers))
+    if extra:
+        raise CorruptFileError(f"{where}: tensors for modules the adapter does not have: {extra[:5]}")
+    for path, layer in prepared.layers.items():
+        layer.load_tensors(by_module.get(path, {}), f"{where} [{path}]")
+
+
+def _check_base(model: nn.Module, recorded: Mapping[str, Any], where: Path, ignore_fingerprint: bool) -> None:
+    modules = dict(logical_modules(model))
+    for path, info in recorded.get("modules", {}).items():
+        module = modules.get(path)
+        if module is None:
+            raise BaseModelMismatchError(f"{where}: the model has no module {path!r} (adapter made for {recorded.get('name_or_path')})")
+        weight = getattr(module, "weight", None)
+        if "shape" in info and (weight is None or list(weight.shape) != list(info["shape"])):
+            shape = None if weight is None else list(weight.shape)
+            raise BaseModelMismatchError(f"{where}: module {path!r} has weight shape {shape}, the adapter needs {info['shape']}")
+    if ignore_fingerprint or "weights_sha256" not in recorded:
+        return
+    actual = base_fingerprint(model, list(recorded.get("modules", {})), recorded.get("copied_modules", []))
+    if actual["weights_sha256"] != recorded["weights_sha256"]:
+        raise FingerprintMismatchError(
+            f"{where}: the targeted base weights differ from the ones the adapter was trained on "
+            f"({recorded.get('name_or_path')}); pass ignore_fingerprint=True to load anyway"
+        )
+
+
+def _read_native(model: nn.Module, directory: Path, data: dict[str, Any], name: str | None, ignore_fingerprint: bool) -> PreparedAdapter:
+    where = directory / CONFIG_FILE
+    if not isinstance(data.get("format_version"), int) or data["format_version"] > FORMAT_VERSION:
+        raise CorruptFileError(f"{where}: format_version {data.get('format_version')!r} is not supported by adapterkit {__version__}")
+    for key in ("method", "config", "base_model", "name"):
+        if key not in data:
+            raise CorruptFileError(f"{where}: missing field {key!r}")
+    method = _config_from(where, get_method, data["method"])
+    config = _config_from(where, method.config_class.from_dict, data["config"])
+    recorded = data["base_model"]
+    targets, copies = list(recorded.get("modules", {})), list(recorded.get("copied_modules", []))
+    weights = directory / WEIGHTS_FILE
+    tensors = read_tensors(weights)
+    prepared = prepare(model, config, name or data["name"], targets, copies)
+    _check_base(model, recorded, where, ignore_fingerprint)
+    by_module: dict[str, dict[str, Tensor]] = {}
+    used = set()
+    for path, layer in prepared.layers.items():
+        expected = layer.tensors()
+        by_module[path] = {k: tensors[f"{path}.{k}"] for k in expected if f"{path}.{k}" in tensors}
+        used.update(f"{path}.{k}" for k in by_module[path])
+    unexpected = sorted(set(tensors) - used)
+    if unexpected:
+        raise CorruptFileError(f"{weights}: unexpected tensors {unexpected[:5]}")
+    _fill(prepared, by_module, weights)
+    return prepared
+
+
+def _read_peft(model: nn.Module, directory: Path, data: dict[str, Any], name: str, ignore_fingerprint: bool) -> PreparedAdapter:
+    where = directory / CONFIG_FILE
+    peft_type = data.get("peft_type")
+    codec = next((m.peft for m in registered_methods() if m.peft is not None and m.peft.peft_type == peft_type), None)
+    if codec is None:
+        supported = sorted(m.peft.peft_type for m in registered_methods() if m.peft is not None)
+        raise UnsupportedError(f"{where}: PEFT type {peft_type!r} is not supported (supported: {supported})")
+    codec.check_fields(data, str(where))
+    config = _config_from(where, codec.from_peft, data)
+    weights = directory / PEFT_WEIGHTS_FILE
+    tensors = read_tensors(weights)
+    copy_paths = [p for p, _ in logical_modules(model) if is_module_to_save(config, p)]
+    groups = split_keys(tensors, codec, copy_paths, str(weights))
+    prepared = prepare(model, config, name, sorted(groups.targets), sorted(groups.copies))
+    recorded = read_metadata(weights).get("adapterkit_fingerprint")
+    if recorded:
+        _check_base(model, json.loads(recorded), where, ignore_fingerprint)
+    _fill(prepared, {**groups.targets, **groups.copies}, weights)
+    return prepared

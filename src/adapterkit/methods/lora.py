@@ -1,0 +1,211 @@
+"""LoRA: ``y = W₀x + s · B A x`` with ``s = alpha / r`` (or ``alpha / √r`` for rsLoRA).
+
+Unfused, the delta is computed as ``(x Aᵀ) Bᵀ`` — a dense ΔW is never built in the training
+forward. Fused, ΔW is accumulated into the weight with one GEMM-accumulate (``addmm``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import AdapterConfig
+from ..errors import ConfigError
+from ..layers import DeltaLayer
+from ..peft_format import PeftCodec
+from ..registry import AdapterMethod, register_method
+
+INITS = ("default", "gaussian", "random")
+
+
+def pattern_value(patterns: Mapping[str, Any], module_name: str, default: Any) -> Any:
+    """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: the first key that matches the end of the name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig(AdapterConfig):
+    """Low-rank adapter configuration.
+
+    Attributes:
+        r: rank of the update.
+        alpha: scaling numerator; the update is scaled by ``alpha / r`` (``alpha / √r`` with ``use_rslora``).
+        dropout: dropout on the adapter branch input during training.
+        use_rslora: rank-stabilised scaling ``alpha / √r``.
+        fan_in_fan_out: the base weight is stored ``in × out`` (GPT-2 ``Conv1D``); detected automatically.
+        init: ``"default"`` (A Kaiming-uniform, B = 0: starts as the base model), ``"gaussian"``
+            (A normal with std 1/r, B = 0) or ``"random"`` (both random; for tests).
+        rank_pattern / alpha_pattern: per-module overrides, keyed by a module-name pattern (as PEFT).
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+    fan_in_fan_out: bool = False
+    init: str = "default"
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    def validate(self) -> None:
+        ranks = [self.r, *self.rank_pattern.values()]
+        if not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in ranks):
+            raise ConfigError(f"LoRAConfig: ranks must be positive integers, got r={self.r}, rank_pattern={dict(self.rank_pattern)}")
+        if not all(math.isfinite(a) for a in [self.alpha, *self.alpha_pattern.values()]):
+            raise ConfigError(f"LoRAConfig: alpha must be finite, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"LoRAConfig: dropout must be in [0, 1), got {self.dropout}")
+        if self.init not in INITS:
+            raise ConfigError(f"LoRAConfig: init must be one of {INITS}, got {self.init!r}")
+
+    def rank_for(self, module_name: str) -> int:
+        return pattern_value(self.rank_pattern, module_name, self.r)
+
+    def alpha_for(self, module_name: str) -> float:
+        return pattern_value(self.alpha_pattern, module_name, self.alpha)
+
+    def scaling_for(self, module_name: str) -> float:
+        r = self.rank_for(module_name)
+        return self.alpha_for(module_name) / (math.sqrt(r) if self.use_rslora else r)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+class LoRALayer(DeltaLayer):
+    """LoRA factors of one linear layer: ``lora_A`` (r × in) and ``lora_B`` (out × r), kept in fp32."""
+
+    def __init__(self, adapter_name: str, base: nn.Module, r: int, scaling: float, dropout: float, init: str) -> None:
+        super().__init__(adapter_name)
+        self.transposed = _is_conv1d(base)
+        weight = base.weight
+        out_features, in_features = weight.shape[::-1] if self.transposed else weight.shape
+        factory = {"device": weight.device, "dtype": torch.float32}
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, **factory))
+        self.scaling = scaling
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        with torch.no_grad():
+            if init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1.0 / r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            if init == "random":
+                nn.init.normal_(self.lora_B, std=0.02)
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[0]
+
+    def delta_output(self, x: Tensor, scale: float) -> Tensor:
+        h = self.dropout(x.to(self.lora_A.dtype))
+        return (F.linear(F.linear(h, self.lora_A), self.lora_B) * (self.scaling * scale)).to(x.dtype)
+
+    def _factors(self) -> tuple[Tensor, Tensor]:
+        # ΔW = B @ A for an (out × in) weight; a Conv1D weight is (in × out), so ΔWᵀ = Aᵀ @ Bᵀ.
+        if self.transposed:
+            return self.lora_A.t(), self.lora_B.t()
+        return self.lora_B, self.lora_A
+
+    def add_to_weight(self, weight: Tensor, scale: float) -> None:
+        left, right = self._factors()
+        alpha = self.scaling * scale
+        if weight.dtype == torch.float32 and weight.device == left.device:
+            weight.addmm_(left.detach(), right.detach(), alpha=alpha)
+        else:  # low precision: accumulate in fp32, round once
+            acc = weight.float().to(left.device)
+            acc.addmm_(left.detach(), right.detach(), alpha=alpha)
+            weight.copy_(acc)
+
+    def write_from(self, weight: Tensor, source: Tensor, scale: float) -> None:
+        left, right = self._factors()
+        if weight.dtype == source.dtype == torch.float32 and weight.device == source.device == left.device:
+            torch.addmm(source, left.detach(), right.detach(), alpha=self.scaling * scale, out=weight)
+        else:
+            super().write_from(weight, source, scale)
+
+    def extra_repr(self) -> str:
+        return f"adapter={self.adapter_name!r}, r={self.rank}, scaling={self.scaling:g}"
+
+
+class LoRACodec(PeftCodec):
+    """LoRA <-> PEFT ``adapter_config.json`` and key names."""
+
+    peft_type = "LORA"
+    key_suffixes = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+    # PEFT fields we read; any other field must keep its default value or loading is refused.
+    honoured = {
+        "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "modules_to_save",
+        "fan_in_fan_out", "use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform",
+        "layers_pattern", "init_lora_weights",
+    }
+    must_be_default = {"bias": "none", "use_dora": False, "lora_bias": False, "use_qalora": False}
+
+    def to_peft(self, config: AdapterConfig, targets: list[str]) -> dict[str, Any]:
+        assert isinstance(config, LoRAConfig)
+        return {
+            "r": config.r,
+            "lora_alpha": config.alpha,
+            "lora_dropout": config.dropout,
+            "target_modules": sorted(targets),
+            "exclude_modules": None,
+            "modules_to_save": list(config.modules_to_save) if config.modules_to_save else None,
+            "fan_in_fan_out": config.fan_in_fan_out,
+            "bias": "none",
+            "use_rslora": config.use_rslora,
+            "use_dora": False,
+            "init_lora_weights": {"default": True, "gaussian": "gaussian", "random": False}[config.init],
+            "rank_pattern": dict(config.rank_pattern),
+            "alpha_pattern": dict(config.alpha_pattern),
+            "layers_to_transform": None,
+            "layers_pattern": None,
+        }
+
+    def from_peft(self, data: Mapping[str, Any]) -> AdapterConfig:
+        init = data.get("init_lora_weights", True)
+        return LoRAConfig(
+            r=int(data.get("r", 8)),
+            alpha=float(data.get("lora_alpha", 8)),
+            dropout=float(data.get("lora_dropout", 0.0) or 0.0),
+            target_modules=data.get("target_modules"),
+            exclude_modules=data.get("exclude_modules"),
+            modules_to_save=data.get("modules_to_save"),
+            layers_to_transform=data.get("layers_to_transform"),
+            layers_pattern=data.get("layers_pattern"),
+            fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
+            use_rslora=bool(data.get("use_rslora", False)),
+            init="gaussian" if init == "gaussian" else "default",
+            rank_pattern=dict(data.get("rank_pattern") or {}),
+            alpha_pattern=dict(data.get("alpha_pattern") or {}),
+        )
+
+
+@register_method
+class LoRAMethod(AdapterMethod):
+    name = "lora"
+    config_class = LoRAConfig
+    peft = LoRACodec()
+
+    def supports(self, module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+    def create_layer(self, config: AdapterConfig, adapter_name: str, module_name: str, module: nn.Module) -> LoRALayer:
+        assert isinstance(config, LoRAConfig)
+        return LoRALayer(
+            adapter_name,
+            module,
+            r=config.rank_for(module_name),
+            scaling=config.scaling_for(module_name),
+            dropout=config.dropout,
+            init=config.init,
+        )

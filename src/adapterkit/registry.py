@@ -1,0 +1,69 @@
+"""The method registry: a method name maps to its config class and layer factory.
+
+Methods register themselves (``@register_method``); the core never imports a method by name,
+so adding a method never edits core files.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+from torch import nn
+
+from .errors import UnknownMethodError
+
+if TYPE_CHECKING:
+    from .config import AdapterConfig
+    from .layers import AdapterLayer
+    from .peft_format import PeftCodec
+
+
+class AdapterMethod:
+    """What the core needs to know about one adapter method.
+
+    Subclasses set :attr:`name` and :attr:`config_class` and implement :meth:`supports` and
+    :meth:`create_layer`. A method that can be exchanged with the ``peft`` package also sets
+    :attr:`peft` to a :class:`~adapterkit.peft_format.PeftCodec`.
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type["AdapterConfig"]]
+    peft: ClassVar["PeftCodec | None"] = None
+
+    def supports(self, module: nn.Module) -> bool:
+        """Whether this method can adapt ``module`` (e.g. only ``nn.Linear``)."""
+        raise NotImplementedError
+
+    def create_layer(self, config: "AdapterConfig", adapter_name: str, module_name: str, module: nn.Module) -> "AdapterLayer":
+        """Build the adapter's state for one base module, on the module's device."""
+        raise NotImplementedError
+
+
+_METHODS: dict[str, AdapterMethod] = {}
+
+
+def register_method(method_class: type[AdapterMethod]) -> type[AdapterMethod]:
+    """Class decorator: register an :class:`AdapterMethod` under its ``name``."""
+    method = method_class()
+    _METHODS[method.name] = method
+    method.config_class.method = method.name
+    return method_class
+
+
+def get_method(name: str) -> AdapterMethod:
+    """The registered method called ``name``."""
+    try:
+        return _METHODS[name]
+    except KeyError:
+        known = ", ".join(sorted(_METHODS)) or "none"
+        raise UnknownMethodError(f"unknown adapter method {name!r} (registered: {known})") from None
+
+
+def method_for(config: "AdapterConfig") -> AdapterMethod:
+    """The method a config belongs to."""
+    return get_method(type(config).method)
+
+
+def registered_methods() -> list[AdapterMethod]:
+    """All registered methods, by name."""
+    return [_METHODS[name] for name in sorted(_METHODS)]

@@ -1,0 +1,93 @@
+"""Per-model adapter bookkeeping, as typed objects stored on the model itself."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+from torch import nn
+
+from .config import AdapterConfig
+from .errors import AdapterNotFoundError
+from .layers import AdaptedModule, AdapterLayer, DeltaLayer, ModuleCopy
+from .registry import AdapterMethod
+
+STATE_ATTR = "adapterkit_state"
+
+Weighted = tuple[tuple[str, float], ...]
+
+
+@dataclasses.dataclass
+class AdapterRecord:
+    """One attached adapter: its config and where its layers live."""
+
+    name: str
+    config: AdapterConfig
+    method: AdapterMethod
+    targets: tuple[str, ...]
+    copies: tuple[str, ...]
+    fusable: bool
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return self.targets + self.copies
+
+
+@dataclasses.dataclass
+class ModelState:
+    """Everything adapterkit knows about one model.
+
+    ``active`` and ``fused`` are ``(name, weight)`` pairs; fused adapters are always active.
+    """
+
+    adapters: dict[str, AdapterRecord] = dataclasses.field(default_factory=dict)
+    wrappers: dict[str, AdaptedModule] = dataclasses.field(default_factory=dict)
+    active: Weighted = ()
+    fused: Weighted = ()
+    fused_exact: bool = True
+
+    def record(self, name: str) -> AdapterRecord:
+        try:
+            return self.adapters[name]
+        except KeyError:
+            known = ", ".join(self.adapters) or "none"
+            raise AdapterNotFoundError(f"no adapter named {name!r} (attached: {known})") from None
+
+    def layers(self, name: str) -> Iterator[tuple[str, AdapterLayer]]:
+        """``(module name, layer)`` for every layer of adapter ``name``."""
+        for path in self.record(name).modules:
+            layer = self.wrappers[path].layer(name)
+            assert layer is not None
+            yield path, layer
+
+    def refresh_plans(self) -> None:
+        fused = frozenset(name for name, _ in self.fused)
+        for wrapper in self.wrappers.values():
+            wrapper.set_plan(self.active, fused)
+
+
+def peek_state(model: nn.Module) -> ModelState | None:
+    return getattr(model, STATE_ATTR, None)
+
+
+def get_state(model: nn.Module) -> ModelState:
+    """The model's adapter state; an empty one when nothing is attached."""
+    state = peek_state(model)
+    return state if state is not None else ModelState()
+
+
+def ensure_state(model: nn.Module) -> ModelState:
+    state = peek_state(model)
+    if state is None:
+        state = ModelState()
+        setattr(model, STATE_ATTR, state)
+    return state
+
+
+def drop_state(model: nn.Module) -> None:
+    if peek_state(model) is not None:
+        delattr(model, STATE_ATTR)
+
+
+def is_fusable(layer: AdapterLayer) -> bool:
+    return isinstance(layer, (DeltaLayer, ModuleCopy))
