@@ -19,6 +19,7 @@ from .api import (
     detach,
     fuse,
     fused_adapters,
+    merge_and_unload,
     switch,
     trainable_parameters,
     unfuse,
@@ -47,6 +48,14 @@ from .errors import (
 )
 from .layers import AdaptedModule, AdapterLayer, DeltaLayer, ModuleLayer
 from .methods import LoRAConfig
+
+
+def __getattr__(name: str):  # transformers is optional: import the Trainer integration on first use
+    if name == "AdapterTrainer":
+        from .trainer import AdapterTrainer
+
+        return AdapterTrainer
+    raise AttributeError(f"module 'adapterkit' has no attribute {name!r}")
 from .registry import AdapterMethod, get_method, register_method, registered_methods
 
 __all__ = [
@@ -61,6 +70,7 @@ __all__ = [
     "detach",
     "fuse",
     "fused_adapters",
+    "merge_and_unload",
     "switch",
     "trainable_parameters",
     "unfuse",
@@ -68,6 +78,7 @@ __all__ = [
     "save",
     "AdapterConfig",
     "LoRAConfig",
+    "AdapterTrainer",
     "AdaptedModule",
     "AdapterLayer",
     "DeltaLayer",

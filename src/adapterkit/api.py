@@ -291,3 +291,25 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 def has_adapters(model: nn.Module) -> bool:
     return peek_state(model) is not None
+
+
+def merge_and_unload(model: nn.Module, names: Names = None, weights: Sequence[float] | None = None) -> nn.Module:
+    """Fold weight-delta adapters into the base weights for good and remove every adapter.
+
+    Active ``modules_to_save`` copies take the place of their base modules. The result is a
+    plain model without adapterkit wrappers (e.g. to ``save_pretrained`` it).
+    """
+    state = get_state(model)
+    if not state.adapters:
+        return model
+    if names is None:
+        blocking = [n for n, _ in state.active if not state.adapters[n].fusable]
+        if blocking:
+            raise NotFusableError(f"active adapter(s) {blocking} insert modules and cannot be merged into base weights")
+    if names is not None or _delta_part(state, state.active):
+        fuse(model, names, weights, exact=False)
+    for path, wrapper in list(state.wrappers.items()):
+        replacement = wrapper.plan.replacement
+        _replace_module(model, path, replacement.module if replacement is not None else wrapper.base_layer)
+    drop_state(model)
+    return model

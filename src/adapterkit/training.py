@@ -1,0 +1,148 @@
+"""A thin training loop with a progress bar, text batching, and ``transformers.Trainer`` support.
+
+Adapters need no special loop: any optimizer over ``p for p in model.parameters() if
+p.requires_grad`` trains them. :func:`train` is that loop with linear warm-up/decay and tqdm.
+:class:`AdapterTrainer` makes the Hugging Face ``Trainer`` write adapter-only checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .data import LabelledTexts
+
+Batch = Mapping[str, Tensor]
+
+
+class TextBatches:
+    """Re-iterable tokenised mini-batches of labelled texts.
+
+    Texts are tokenised once. With ``shuffle`` the order changes every epoch (seeded) and
+    batches are formed from windows of similar length, which cuts padding.
+    """
+
+    def __init__(self, tokenizer: Any, data: LabelledTexts, batch_size: int = 32, max_length: int = 64,
+                 shuffle: bool = False, seed: int = 0) -> None:
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        encoded = tokenizer(list(data.texts), truncation=True, max_length=max_length)
+        self.features = [{k: encoded[k][i] for k in encoded} for i in range(len(data))]
+        self.labels = list(data.labels)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def _order(self) -> list[int]:
+        order = list(range(len(self.labels)))
+        if not self.shuffle:
+            return order
+        rng = random.Random(self.seed + self.epoch)
+        rng.shuffle(order)
+        window = self.batch_size * 8
+        chunks = [sorted(order[i:i + window], key=lambda j: len(self.features[j]["input_ids"])) for i in range(0, len(order), window)]
+        batches = [c[i:i + self.batch_size] for c in chunks for i in range(0, len(c), self.batch_size)]
+        rng.shuffle(batches)
+        return [j for b in batches for j in b]
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        order = self._order()
+        self.epoch += 1
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            batch = self.tokenizer.pad([self.features[i] for i in idx], return_tensors="pt")
+            batch["labels"] = torch.tensor([self.labels[i] for i in idx])
+            yield dict(batch)
+
+
+def _loss_of(output: Any) -> Tensor:
+    if isinstance(output, Mapping):
+        return output["loss"]
+    return output.loss if hasattr(output, "loss") else output[0]
+
+
+def _logits_of(output: Any) -> Tensor:
+    if isinstance(output, Mapping):
+        return output["logits"]
+    return output.logits if hasattr(output, "logits") else output[1]
+
+
+def train(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    epochs: int = 1,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    warmup: float = 0.06,
+    max_grad_norm: float | None = 1.0,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Train the model's trainable parameters (the adapters) with AdamW; return the step losses.
+
+    ``batches`` yields keyword-argument dicts for ``model(**batch)``, which must return a loss
+    (a ``"loss"`` key, a ``.loss`` attribute or the first element).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters; attach an adapter first")
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    total = epochs * len(batches) if hasattr(batches, "__len__") else None
+    warm = max(1, int(warmup * total)) if total else 1
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (total - step) / max(1, total - warm)) if total else 1.0
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    was_training = model.training
+    model.train()
+    losses: list[float] = []
+    bar = tqdm(total=total, desc="train", disable=not progress, leave=False)
+    try:
+        for _ in range(epochs):
+            for batch in batches:
+                loss = _loss_of(model(**batch))
+                loss.backward()
+                if max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                if on_step is not None:
+                    on_step(len(losses), losses[-1])
+                bar.update(1)
+                bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    finally:
+        bar.close()
+        model.train(was_training)
+    return losses
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batches: Iterable[Batch]) -> Tensor:
+    """Logits for every batch, concatenated (labels in the batches are ignored)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat([_logits_of(model(**{k: v for k, v in b.items() if k != "labels"})) for b in batches])
+    finally:
+        model.train(was_training)
+
+
+def accuracy(model: nn.Module, batches: Iterable[Batch]) -> float:
+    """Fraction of examples whose arg-max logit equals the label."""
+    batches = list(batches)
+    predictions = predict(model, batches).argmax(-1)
+    labels = torch.cat([b["labels"] for b in batches])
+    return (predictions == labels).float().mean().item()
