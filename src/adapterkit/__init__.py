@@ -57,6 +57,7 @@ def __getattr__(name: str):  # transformers is optional: import the Trainer inte
         return AdapterTrainer
     raise AttributeError(f"module 'adapterkit' has no attribute {name!r}")
 from .registry import AdapterMethod, get_method, register_method, registered_methods
+from .training import TextBatches, accuracy, predict, train
 
 __all__ = [
     "__version__",
@@ -87,6 +88,10 @@ __all__ = [
     "get_method",
     "register_method",
     "registered_methods",
+    "TextBatches",
+    "accuracy",
+    "predict",
+    "train",
     "AdapterError",
     "AdapterNotFoundError",
     "ArtefactError",

@@ -1,0 +1,119 @@
+"""LoRA layer maths: the unfused forward, scaling, initialisation and what trains."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import adapterkit as ak
+from adapterkit.layers import AdaptedModule
+
+
+def _linear_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 10))
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_forward_is_base_plus_scaled_low_rank_product(use_rslora):
+    model = _linear_model()
+    base = model[0]
+    x = torch.randn(5, 12)
+    ak.attach(model, ak.LoRAConfig(r=4, alpha=6, target_modules=["0"], init="random", use_rslora=use_rslora))
+    layer = model[0].adapters[0]
+    scaling = 6 / (math.sqrt(4) if use_rslora else 4)
+    assert layer.scaling == pytest.approx(scaling)
+    expected = x @ base.weight.T + base.bias + scaling * (x @ layer.lora_A.T @ layer.lora_B.T)
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("init", ["default", "gaussian"])
+def test_zero_initialised_b_gives_the_base_output_exactly(init):
+    model = _linear_model()
+    x = torch.randn(5, 12)
+    before = model(x)
+    ak.attach(model, ak.LoRAConfig(r=4, target_modules=["0"], init=init))
+    layer = model[0].adapters[0]
+    assert torch.count_nonzero(layer.lora_B) == 0
+    assert torch.count_nonzero(layer.lora_A) > 0
+    assert torch.equal(model(x), before)
+
+
+def test_gaussian_init_std_is_one_over_r():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4096, 8))
+    ak.attach(model, ak.LoRAConfig(r=8, target_modules=["0"], init="gaussian"))
+    assert model[0].adapters[0].lora_A.std().item() == pytest.approx(1 / 8, rel=0.05)
+
+
+def test_only_adapter_parameters_receive_gradients(tiny_bert, token_ids):
+    ak.attach(tiny_bert, ak.LoRAConfig(r=2, target_modules=["query", "value"], init="random"))
+    tiny_bert(input_ids=token_ids).logits.sum().backward()
+    for name, param in tiny_bert.named_parameters():
+        if ".adapters." in name:
+            assert param.requires_grad and param.grad is not None and param.grad.abs().sum() > 0, name
+        else:
+            assert not param.requires_grad and param.grad is None, name
+
+
+def test_trainable_parameter_count_matches_r_times_in_plus_out(tiny_bert):
+    total_before = sum(p.numel() for p in tiny_bert.parameters())
+    ak.attach(tiny_bert, ak.LoRAConfig(r=4, target_modules=["query", "value"]))
+    trainable, total = ak.trainable_parameters(tiny_bert)
+    assert trainable == 2 * 2 * 4 * (32 + 32)  # 2 layers x (query, value) x r(in + out)
+    assert total == total_before + trainable
+
+
+def test_rank_and_alpha_patterns_override_per_module(tiny_bert):
+    config = ak.LoRAConfig(r=4, alpha=8, target_modules=["query", "value"],
+                           rank_pattern={"layer.1.attention.self.value": 2}, alpha_pattern={"query": 2})
+    ak.attach(tiny_bert, config)
+    layers = {n: m.adapters[0] for n, m in tiny_bert.named_modules() if isinstance(m, AdaptedModule)}
+    assert layers["bert.encoder.layer.1.attention.self.value"].rank == 2
+    assert layers["bert.encoder.layer.0.attention.self.value"].rank == 4
+    assert layers["bert.encoder.layer.0.attention.self.query"].scaling == pytest.approx(2 / 4)
+    assert layers["bert.encoder.layer.1.attention.self.value"].scaling == pytest.approx(8 / 2)
+
+
+def test_dropout_applies_to_the_adapter_branch_only_in_training():
+    model = _linear_model()
+    x = torch.randn(64, 12)
+    ak.attach(model, ak.LoRAConfig(r=4, target_modules=["0"], init="random", dropout=0.5))
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    model.train()
+    torch.manual_seed(0)
+    assert not torch.equal(model(x), model(x))
+
+
+def test_gpt2_conv1d_weights_are_handled_transposed():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16)).eval()
+    ids = torch.randint(0, 50, (2, 5))
+    ak.attach(model, ak.LoRAConfig(r=2, target_modules=["c_attn"], init="random"))
+    unfused = model(input_ids=ids).logits
+    original = model.transformer.h[0].attn.c_attn.base_layer.weight.clone()
+    ak.fuse(model)
+    torch.testing.assert_close(model(input_ids=ids).logits, unfused, rtol=1e-5, atol=1e-5)
+    ak.unfuse(model)
+    assert torch.equal(model.transformer.h[0].attn.c_attn.base_layer.weight, original)
+
+
+def test_bf16_base_runs_with_fp32_adapter():
+    model = _linear_model().to(torch.bfloat16)
+    ak.attach(model, ak.LoRAConfig(r=4, target_modules=["0"], init="random"))
+    assert model[0].adapters[0].lora_A.dtype == torch.float32
+    out = model(torch.randn(3, 12, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("bad", [dict(r=0), dict(r=-1), dict(r=2.5), dict(dropout=1.0), dict(alpha=float("nan")),
+                                 dict(init="xavier"), dict(rank_pattern={"q": 0})])
+def test_invalid_lora_config_values_raise(bad):
+    with pytest.raises(ak.ConfigError):
+        ak.LoRAConfig(target_modules=["q"], **bad)
