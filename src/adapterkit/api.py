@@ -92,10 +92,11 @@ def commit(model: nn.Module, prepared: PreparedAdapter) -> None:
     for path, layer in prepared.layers.items():
         wrapper = state.wrappers.get(path)
         if wrapper is None:
-            wrapper = AdaptedModule(model.get_submodule(path))
+            base = model.get_submodule(path)
+            wrapper = AdaptedModule(base).train(base.training)
             _replace_module(model, path, wrapper)
             state.wrappers[path] = wrapper
-        wrapper.add(layer)
+        wrapper.add(layer.train(wrapper.base_layer.training))
     adapter_params = {id(p) for w in state.wrappers.values() for p in w.adapters.parameters()}
     for param in model.parameters():
         if id(param) not in adapter_params:

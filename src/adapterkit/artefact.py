@@ -119,7 +119,7 @@ def _config_from(where: Path, build: Any, *args: Any) -> Any:
         return build(*args)
     except AdapterError as exc:
         raise type(exc)(f"{where}: {exc}") from None
-    except (TypeError, ValueError, KeyError) as exc:
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise CorruptFileError(f"{where}: invalid adapter config ({exc})") from None
 
 
@@ -155,9 +155,11 @@ def _read_native(model: nn.Module, directory: Path, data: dict[str, Any], name: 
     where = directory / CONFIG_FILE
     if not isinstance(data.get("format_version"), int) or data["format_version"] > FORMAT_VERSION:
         raise CorruptFileError(f"{where}: format_version {data.get('format_version')!r} is not supported by adapterkit {__version__}")
-    for key in ("method", "config", "base_model", "name"):
-        if key not in data:
-            raise CorruptFileError(f"{where}: missing field {key!r}")
+    for key, kind in (("method", str), ("name", str), ("config", dict), ("base_model", dict)):
+        if not isinstance(data.get(key), kind):
+            raise CorruptFileError(f"{where}: field {key!r} is missing or not a {kind.__name__}")
+    if not isinstance(data["base_model"].get("modules"), dict) or not isinstance(data["base_model"].get("copied_modules", []), list):
+        raise CorruptFileError(f"{where}: base_model.modules must be an object and copied_modules a list")
     method = _config_from(where, get_method, data["method"])
     config = _config_from(where, method.config_class.from_dict, data["config"])
     recorded = data["base_model"]

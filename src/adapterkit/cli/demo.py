@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     probe = _probe_accuracy(model, tokenizer, train_set, test_set, args.max_length)
     print(f"[3/6] linear probe on frozen features: held-out accuracy {probe:.3f} ({time.perf_counter() - t:.0f} s)")
 
-    config = LoRAConfig(r=8, alpha=16, target_modules=["query", "value"], modules_to_save=["classifier"])
+    config = LoRAConfig(r=8, alpha=16, target_modules="all-linear", modules_to_save=["classifier"])
     api.attach(model, config, "sentiment")
     trainable, total = api.trainable_parameters(model)
     test_batches = list(TextBatches(tokenizer, test_set, 128, args.max_length))
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     train(model, TextBatches(tokenizer, train_set, 32, args.max_length, shuffle=True), epochs=args.epochs, lr=args.lr)
     trained_s = time.perf_counter() - t
     adapted = accuracy(model, test_batches)
-    print(f"[4/6] LoRA r=8 on query/value + head: {trainable:,} trainable parameters ({100 * trainable / total:.2f}%), "
+    print(f"[4/6] LoRA r=8 on every linear layer + a trained head: {trainable:,} trainable parameters ({100 * trainable / total:.2f}%), "
           f"trained in {trained_s:.0f} s")
     print(f"      adapted model: held-out accuracy {adapted:.3f} ({100 * (adapted - probe):+.1f} points vs the probe)")
 

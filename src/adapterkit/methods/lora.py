@@ -57,6 +57,9 @@ class LoRAConfig(AdapterConfig):
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
+        for name in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(getattr(self, name), Mapping):
+                raise ConfigError(f"LoRAConfig.{name} must be a mapping of module-name pattern to value")
         ranks = [self.r, *self.rank_pattern.values()]
         if not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in ranks):
             raise ConfigError(f"LoRAConfig: ranks must be positive integers, got r={self.r}, rank_pattern={dict(self.rank_pattern)}")
