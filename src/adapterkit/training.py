@@ -24,14 +24,16 @@ class TextBatches:
     """Re-iterable tokenised mini-batches of labelled texts.
 
     Texts are tokenised once. With ``shuffle`` the order changes every epoch (seeded) and
-    batches are formed from windows of similar length, which cuts padding.
+    batches are formed from windows of similar length, which cuts padding. ``by_length``
+    (for evaluation) orders the whole set by length; labels travel with their batches.
     """
 
     def __init__(self, tokenizer: Any, data: LabelledTexts, batch_size: int = 32, max_length: int = 64,
-                 shuffle: bool = False, seed: int = 0) -> None:
+                 shuffle: bool = False, seed: int = 0, by_length: bool = False) -> None:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.shuffle = shuffle
+        self.by_length = by_length
         self.seed = seed
         self.epoch = 0
         encoded = tokenizer(list(data.texts), truncation=True, max_length=max_length)
@@ -43,6 +45,8 @@ class TextBatches:
 
     def _order(self) -> list[int]:
         order = list(range(len(self.labels)))
+        if self.by_length:
+            return sorted(order, key=lambda j: len(self.features[j]["input_ids"]))
         if not self.shuffle:
             return order
         rng = random.Random(self.seed + self.epoch)
@@ -107,7 +111,7 @@ def train(
     was_training = model.training
     model.train()
     losses: list[float] = []
-    bar = tqdm(total=total, desc="train", disable=not progress, leave=False)
+    bar = tqdm(total=total, desc="train", disable=not progress, leave=False, mininterval=1.0)
     try:
         for _ in range(epochs):
             for batch in batches:

@@ -53,7 +53,7 @@ def train(args: argparse.Namespace) -> int:
     print(f"training {args.name!r}: {trainable:,} trainable of {total:,} parameters on {len(train_set)} examples")
     batches = TextBatches(tokenizer, train_set, args.batch_size, args.max_length, shuffle=True, seed=args.seed)
     train_loop(model, batches, epochs=args.epochs, lr=args.lr)
-    acc = accuracy(model, TextBatches(tokenizer, test_set, 128, args.max_length))
+    acc = accuracy(model, TextBatches(tokenizer, test_set, 128, args.max_length, by_length=True))
     artefact.save(model, args.out, args.name, format=args.format)
     print(f"held-out accuracy {acc:.3f} on {len(test_set)} examples; adapter saved to {args.out}")
     return 0
@@ -70,7 +70,7 @@ def evaluate(args: argparse.Namespace) -> int:
         what = f"fused model {args.model}"
     else:
         raise ConfigError("give an adapter directory, or --model with a directory written by 'adapterkit fuse'")
-    acc = accuracy(model, TextBatches(tokenizer, test_set, 128, args.max_length))
+    acc = accuracy(model, TextBatches(tokenizer, test_set, 128, args.max_length, by_length=True))
     print(f"{what}: held-out accuracy {acc:.3f} on {len(test_set)} examples of {args.data}")
     return 0
 

@@ -28,15 +28,14 @@ def _probe_accuracy(model, tokenizer, train_set, test_set, max_length: int) -> f
     from sklearn.linear_model import LogisticRegression
 
     def features(split):
+        batches = list(TextBatches(tokenizer, split, 128, max_length, by_length=True))
         with torch.no_grad():
-            return torch.cat([
-                model.embed(b["input_ids"], b["attention_mask"])
-                for b in TextBatches(tokenizer, split, 128, max_length)
-            ]).numpy()
+            embedded = torch.cat([model.embed(b["input_ids"], b["attention_mask"]) for b in batches])
+        return embedded.numpy(), torch.cat([b["labels"] for b in batches]).numpy()
 
     probe = LogisticRegression(max_iter=2000, C=1.0)
-    probe.fit(features(train_set), list(train_set.labels))
-    return float(probe.score(features(test_set), list(test_set.labels)))
+    probe.fit(*features(train_set))
+    return float(probe.score(*features(test_set)))
 
 
 def _median_ms(fn, repeats: int = 21) -> float:
@@ -79,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     config = LoRAConfig(r=8, alpha=16, target_modules="all-linear", modules_to_save=["classifier"])
     api.attach(model, config, "sentiment")
     trainable, total = api.trainable_parameters(model)
-    test_batches = list(TextBatches(tokenizer, test_set, 128, args.max_length))
+    test_batches = list(TextBatches(tokenizer, test_set, 128, args.max_length, by_length=True))
     t = time.perf_counter()
     train(model, TextBatches(tokenizer, train_set, 32, args.max_length, shuffle=True), epochs=args.epochs, lr=args.lr)
     trained_s = time.perf_counter() - t
