@@ -180,7 +180,7 @@ def test_a_plugin_sparse_delta_fuses_and_restores_only_its_entries():
     unfused = model(x)
     ak.fuse(model, ["diag"])
     fusion = model[0].fusion
-    assert fusion._original is None and len(fusion._saved_entries) == 1  # sparse: only 6 entries kept
+    assert fusion._host_copy is None and len(fusion._saved_entries) == 1  # sparse: only 6 entries kept
     assert fusion._saved_entries[0].values.numel() == 6
     ak.fuse(model, ["diag", "lora"])  # mixed dense + sparse on layer 2
     torch.testing.assert_close(model(x), unfused, rtol=1e-5, atol=1e-6)

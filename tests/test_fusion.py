@@ -98,15 +98,20 @@ def test_inexact_fuse_subtracts_and_drifts_but_stays_close():
         torch.testing.assert_close(weight, original[name], rtol=1e-5, atol=1e-5)
 
 
-def test_exact_fuse_keeps_a_host_copy_only_while_fused():
+def test_exact_fuse_keeps_a_reusable_host_copy_until_freed():
     model = _with_two_adapters()
-    wrapper = model[0]
+    fusion = model[0].fusion
+    assert fusion.host_bytes == 0
     ak.fuse(model)
-    assert wrapper.fusion._original is not None and wrapper.fusion._original.device.type == "cpu"
+    buffer = fusion._host_copy
+    assert buffer.device.type == "cpu" and fusion.host_bytes == 48 * 32 * 4
     ak.unfuse(model)
-    assert wrapper.fusion._original is None
+    ak.fuse(model)
+    assert fusion._host_copy is buffer  # reused, not reallocated
+    ak.unfuse(model, free_memory=True)
+    assert fusion.host_bytes == 0
     ak.fuse(model, exact=False)
-    assert wrapper.fusion._original is None
+    assert fusion.host_bytes == 0
 
 
 def test_activating_another_set_while_fused_is_refused():

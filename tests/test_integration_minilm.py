@@ -86,3 +86,21 @@ def test_saved_adapter_refuses_a_different_base(minilm, tmp_path):
     with pytest.raises(ak.FingerprintMismatchError, match="ignore_fingerprint"):
         ak.load(other, tmp_path / "a")
     assert ak.load(other, tmp_path / "a", ignore_fingerprint=True) == "a"
+
+
+def test_sampled_check_is_default_and_full_check_sees_a_single_edited_entry(minilm, tmp_path):
+    from adapterkit.fingerprint import sample_positions
+
+    model = copy.deepcopy(minilm[0])
+    ak.attach(model, ak.LoRAConfig(r=2, target_modules=["query"]), "a")
+    ak.save(model, tmp_path / "a", "a")
+    edited = copy.deepcopy(minilm[0])
+    weight = edited.encoder.encoder.layer[0].attention.self.query.weight
+    unsampled = next(i for i in range(weight.numel()) if i not in set(sample_positions(weight.numel()).tolist()))
+    with torch.no_grad():
+        weight.view(-1)[unsampled] += 0.5
+    assert ak.load(copy.deepcopy(edited), tmp_path / "a") == "a"  # documented: the sample misses it
+    with pytest.raises(ak.FingerprintMismatchError):
+        ak.load(edited, tmp_path / "a", verify="full")
+    with pytest.raises(ak.ConfigError):
+        ak.load(edited, tmp_path / "a", verify="quick")

@@ -228,14 +228,17 @@ def fuse(model: nn.Module, names: Names = None, weights: Sequence[float] | None 
     state.refresh_plans()
 
 
-def unfuse(model: nn.Module) -> None:
+def unfuse(model: nn.Module, free_memory: bool = False) -> None:
     """Restore every base weight to its original value (bit-for-bit after an exact fuse).
 
-    The adapters stay active and now run unfused, so outputs do not change.
+    The adapters stay active and now run unfused, so outputs do not change. The host buffers
+    that held the originals are kept for the next fuse unless ``free_memory=True``.
     """
     state = get_state(model)
     for wrapper in state.wrappers.values():
         wrapper.fusion.restore(wrapper.weight)
+        if free_memory:
+            wrapper.fusion.free_memory()
     state.fused = ()
     state.refresh_plans()
 

@@ -28,7 +28,7 @@ from .errors import (
     MissingFileError,
     UnsupportedError,
 )
-from .fingerprint import base_fingerprint
+from .fingerprint import base_fingerprint, weights_hash
 from .peft_format import CONFIG_FILE, WEIGHTS_FILE as PEFT_WEIGHTS_FILE, join_keys, split_keys
 from .registry import get_method, registered_methods
 from .safefiles import check_finite, read_json, read_metadata, read_tensors, write_json, write_tensors
@@ -39,6 +39,7 @@ FORMAT = "adapterkit"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "adapter.safetensors"
 FORMATS = ("adapterkit", "peft")
+VERIFY_MODES = ("sampled", "full", "none")
 
 
 def save(model: nn.Module, directory: str | Path, name: str = "default", format: str = "adapterkit") -> Path:
@@ -93,21 +94,27 @@ def save(model: nn.Module, directory: str | Path, name: str = "default", format:
     return directory
 
 
-def load(model: nn.Module, directory: str | Path, name: str | None = None, *, ignore_fingerprint: bool = False) -> str:
+def load(model: nn.Module, directory: str | Path, name: str | None = None, *,
+         ignore_fingerprint: bool = False, verify: str = "sampled") -> str:
     """Attach the adapter saved in ``directory`` (adapterkit or PEFT format); return its name.
 
     The name defaults to the saved one (``"default"`` for PEFT directories). A base model whose
     targeted weights differ from the ones the adapter was trained on raises
-    :class:`FingerprintMismatchError` unless ``ignore_fingerprint=True``.
+    :class:`FingerprintMismatchError` unless ``ignore_fingerprint=True``. ``verify="sampled"``
+    (default) compares a hash of a fixed sample of each weight; ``verify="full"`` hashes every value.
     """
+    if verify not in VERIFY_MODES:
+        raise ConfigError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+    ignore_fingerprint = ignore_fingerprint or verify == "none"
+    full = verify == "full"
     directory = Path(directory)
     if not directory.is_dir():
         raise MissingFileError(f"adapter directory not found: {directory}")
     data = read_json(directory / CONFIG_FILE)
     if "peft_type" in data:
-        prepared = _read_peft(model, directory, data, name or "default", ignore_fingerprint)
+        prepared = _read_peft(model, directory, data, name or "default", None if ignore_fingerprint else full)
     elif data.get("format") == FORMAT:
-        prepared = _read_native(model, directory, data, name, ignore_fingerprint)
+        prepared = _read_native(model, directory, data, name, None if ignore_fingerprint else full)
     else:
         raise CorruptFileError(f"{directory / CONFIG_FILE}: neither an adapterkit nor a PEFT adapter config")
     commit(model, prepared)
@@ -131,7 +138,8 @@ def _fill(prepared: PreparedAdapter, by_module: Mapping[str, Mapping[str, Tensor
         layer.load_tensors(by_module.get(path, {}), f"{where} [{path}]")
 
 
-def _check_base(model: nn.Module, recorded: Mapping[str, Any], where: Path, ignore_fingerprint: bool) -> None:
+def _check_base(model: nn.Module, recorded: Mapping[str, Any], where: Path, full: bool | None) -> None:
+    """Modules exist with the recorded shapes; then the weights hash (``full=None``: skip it)."""
     modules = dict(logical_modules(model))
     for path, info in recorded.get("modules", {}).items():
         module = modules.get(path)
@@ -141,17 +149,17 @@ def _check_base(model: nn.Module, recorded: Mapping[str, Any], where: Path, igno
         if "shape" in info and (weight is None or list(weight.shape) != list(info["shape"])):
             shape = None if weight is None else list(weight.shape)
             raise BaseModelMismatchError(f"{where}: module {path!r} has weight shape {shape}, the adapter needs {info['shape']}")
-    if ignore_fingerprint or "weights_sha256" not in recorded:
+    key = "weights_sha256" if full or "weights_sample_sha256" not in recorded else "weights_sample_sha256"
+    if full is None or key not in recorded:
         return
-    actual = base_fingerprint(model, list(recorded.get("modules", {})), recorded.get("copied_modules", []))
-    if actual["weights_sha256"] != recorded["weights_sha256"]:
+    if weights_hash(model, list(recorded["modules"]), full=key == "weights_sha256") != recorded[key]:
         raise FingerprintMismatchError(
             f"{where}: the targeted base weights differ from the ones the adapter was trained on "
             f"({recorded.get('name_or_path')}); pass ignore_fingerprint=True to load anyway"
         )
 
 
-def _read_native(model: nn.Module, directory: Path, data: dict[str, Any], name: str | None, ignore_fingerprint: bool) -> PreparedAdapter:
+def _read_native(model: nn.Module, directory: Path, data: dict[str, Any], name: str | None, full: bool | None) -> PreparedAdapter:
     where = directory / CONFIG_FILE
     if not isinstance(data.get("format_version"), int) or data["format_version"] > FORMAT_VERSION:
         raise CorruptFileError(f"{where}: format_version {data.get('format_version')!r} is not supported by adapterkit {__version__}")
@@ -167,7 +175,7 @@ def _read_native(model: nn.Module, directory: Path, data: dict[str, Any], name: 
     weights = directory / WEIGHTS_FILE
     tensors = read_tensors(weights)
     prepared = prepare(model, config, name or data["name"], targets, copies)
-    _check_base(model, recorded, where, ignore_fingerprint)
+    _check_base(model, recorded, where, full)
     by_module: dict[str, dict[str, Tensor]] = {}
     used = set()
     for path, layer in prepared.layers.items():
@@ -181,7 +189,7 @@ def _read_native(model: nn.Module, directory: Path, data: dict[str, Any], name: 
     return prepared
 
 
-def _read_peft(model: nn.Module, directory: Path, data: dict[str, Any], name: str, ignore_fingerprint: bool) -> PreparedAdapter:
+def _read_peft(model: nn.Module, directory: Path, data: dict[str, Any], name: str, full: bool | None) -> PreparedAdapter:
     where = directory / CONFIG_FILE
     peft_type = data.get("peft_type")
     codec = next((m.peft for m in registered_methods() if m.peft is not None and m.peft.peft_type == peft_type), None)
@@ -197,6 +205,6 @@ def _read_peft(model: nn.Module, directory: Path, data: dict[str, Any], name: st
     prepared = prepare(model, config, name, sorted(groups.targets), sorted(groups.copies))
     recorded = read_metadata(weights).get("adapterkit_fingerprint")
     if recorded:
-        _check_base(model, json.loads(recorded), where, ignore_fingerprint)
+        _check_base(model, json.loads(recorded), where, full)
     _fill(prepared, {**groups.targets, **groups.copies}, weights)
     return prepared

@@ -3,9 +3,10 @@
 Subtracting a dense delta again is not exact in floating point (``W + ΔW − ΔW ≠ W``), so exact
 fusion keeps what restores the original and writes it back:
 
-* a dense delta (LoRA): a copy of the whole original weight in host memory while fused —
-  the memory cost is one extra copy of each fused weight; ``exact=False`` skips it and
-  subtracts instead (drifts by rounding error each cycle);
+* a dense delta (LoRA): a copy of the whole original weight in host memory. The memory cost
+  is one extra copy of each fused weight; the buffer is kept after ``unfuse`` so the next fuse
+  does not pay for a fresh allocation (``ak.unfuse(model, free_memory=True)`` or detaching
+  frees it). ``exact=False`` never allocates it and subtracts instead (drifts by rounding error);
 * sparse deltas only (SHiRA, sparse masks): just the original values at the touched entries.
 
 Switching between dense deltas is one pass that reads the saved original and writes
@@ -40,7 +41,8 @@ class WeightFusion:
     def __init__(self) -> None:
         self.applied: tuple[Scaled, ...] = ()
         self.exact = True
-        self._original: Tensor | None = None
+        self._host_copy: Tensor | None = None  # reusable buffer for the dense original
+        self._holds_original = False  # the buffer currently equals the original weight
         self._saved_entries: list[_SavedEntries] = []
 
     @property
@@ -52,9 +54,9 @@ class WeightFusion:
         deltas = tuple(deltas)
         with torch.no_grad():
             dense = [d for d in deltas if d[0].support() is None]
-            if dense and exact and self._original is not None:
+            if dense and exact and self._holds_original:
                 first = dense[0]
-                first[0].write_from(weight, self._original.to(weight.device, non_blocking=True), first[1])
+                first[0].write_from(weight, self._host_copy.to(weight.device, non_blocking=True), first[1])
                 for layer, scale in deltas:
                     if layer is not first[0]:
                         layer.add_to_weight(weight, scale)
@@ -65,7 +67,7 @@ class WeightFusion:
                 return
             self.exact = exact
             if exact and dense:
-                self._original = weight.detach().to("cpu", copy=True)
+                self._save_original(weight)
             flat = weight.view(-1)
             for layer, scale in deltas:
                 if exact and not dense:
@@ -79,8 +81,8 @@ class WeightFusion:
         if not self.applied:
             return
         with torch.no_grad():
-            if self._original is not None:
-                weight.copy_(self._original)
+            if self._holds_original:
+                weight.copy_(self._host_copy)
             elif self.exact:
                 flat = weight.view(-1)
                 for saved in reversed(self._saved_entries):
@@ -88,16 +90,36 @@ class WeightFusion:
             else:
                 for layer, scale in reversed(self.applied):
                     layer.add_to_weight(weight, -scale)
-        self._original = None
+        self._holds_original = False
         self._saved_entries = []
         self.applied = ()
+
+    def _save_original(self, weight: Tensor) -> None:
+        buffer = self._host_copy
+        if buffer is None or buffer.shape != weight.shape or buffer.dtype != weight.dtype:
+            buffer = torch.empty(weight.shape, dtype=weight.dtype, device="cpu")
+            self._host_copy = buffer
+        buffer.copy_(weight)
+        self._holds_original = True
+
+    def free_memory(self) -> None:
+        """Drop the reusable host buffer (only when nothing is fused)."""
+        if not self.applied:
+            self._host_copy = None
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory held for exact restoring."""
+        buffer = 0 if self._host_copy is None else self._host_copy.numel() * self._host_copy.element_size()
+        return buffer + sum(s.indices.numel() * s.indices.element_size() + s.values.numel() * s.values.element_size()
+                            for s in self._saved_entries)
 
     def original(self, weight: Tensor) -> Tensor:
         """The base weight as it was before fusion (bit-exact), without unfusing."""
         if not self.applied:
             return weight.detach()
-        if self._original is not None:
-            return self._original
+        if self._holds_original:
+            return self._host_copy
         if not self.exact:
             raise FusedStateError("the original weight is unknown after fuse(exact=False); unfuse first")
         restored = weight.detach().clone()

@@ -141,7 +141,10 @@ class AdaptedModule(nn.Module):
         self.adapters.append(layer)
 
     def remove(self, adapter_name: str) -> None:
-        self.adapters = nn.ModuleList(l for l in self.adapters if l.adapter_name != adapter_name)
+        for index, layer in enumerate(self.adapters):
+            if layer.adapter_name == adapter_name:
+                del self.adapters[index]
+                return
 
     # -- activation -------------------------------------------------------------------------
     def set_plan(self, active: tuple[tuple[str, float], ...], fused: frozenset[str]) -> None:
