@@ -246,3 +246,17 @@ def test_works_inside_torch_no_grad_and_with_gradients_through_plain_loop(mlp):
     assert losses[-1] < losses[0]
     with torch.no_grad():
         assert mlp(x).shape == (16, 4)
+
+
+def test_loading_does_not_advance_the_callers_random_stream(mlp, tmp_path):
+    ak.attach(mlp, ak.LoRAConfig(target_modules=["0", "2"], init="random"), "a")
+    ak.save(mlp, tmp_path / "a", "a")
+    ak.detach(mlp, "a")
+    torch.manual_seed(5)
+    ak.load(mlp, tmp_path / "a")
+    after_load = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(after_load, torch.rand(3))
+    torch.manual_seed(5)
+    ak.attach(mlp, ak.LoRAConfig(target_modules=["0"]), "b")  # a fresh adapter does draw its init
+    assert not torch.equal(torch.rand(3), after_load)

@@ -10,6 +10,7 @@ import dataclasses
 import math
 from typing import Iterator, Sequence
 
+import torch
 from torch import nn
 
 from .config import AdapterConfig
@@ -23,6 +24,7 @@ from .errors import (
     NotFusableError,
     TargetError,
 )
+from .fusion import free_scratch
 from .layers import AdaptedModule, AdapterLayer, DeltaLayer, ModuleCopy
 from .registry import method_for
 from .state import AdapterRecord, ModelState, Weighted, drop_state, ensure_state, get_state, is_fusable, peek_state
@@ -71,7 +73,12 @@ def prepare(
         module = modules[path]
         if not method.supports(module):
             raise TargetError(f"module {path!r} ({type(module).__name__}) cannot be adapted by method {method.name!r}")
-        layers[path] = method.create_layer(config, name, path, module)
+    devices = sorted({p.device.index or 0 for path in targets for p in modules[path].parameters() if p.is_cuda})
+    # Layers built for loading get their values from the file: their random init must not
+    # advance the caller's random streams.
+    with torch.random.fork_rng(devices=devices, enabled=explicit):
+        for path in targets:
+            layers[path] = method.create_layer(config, name, path, modules[path])
     for path in copies or ():
         layers[path] = ModuleCopy(name, modules[path])
     fusable = all(is_fusable(layer) for layer in layers.values())
@@ -239,6 +246,8 @@ def unfuse(model: nn.Module, free_memory: bool = False) -> None:
         wrapper.fusion.restore(wrapper.weight)
         if free_memory:
             wrapper.fusion.free_memory()
+    if free_memory:
+        free_scratch()
     state.fused = ()
     state.refresh_plans()
 

@@ -16,6 +16,7 @@ Switching between dense deltas is one pass that reads the saved original and wri
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -33,6 +34,28 @@ Scaled = tuple["DeltaLayer", float]
 class _SavedEntries:
     indices: Tensor
     values: Tensor
+
+
+_SCRATCH: dict[torch.device, Tensor] = {}
+
+
+def fp32_scratch(shape: torch.Size, device: torch.device) -> Tensor:
+    """A reusable fp32 work buffer for fusing low-precision weights (one per device, grown as needed).
+
+    Fresh allocations of weight-sized buffers cost more than the arithmetic (page faults), so
+    bf16/fp16 fusing accumulates here and rounds into the weight once. Not thread-safe.
+    """
+    numel = math.prod(shape)
+    buffer = _SCRATCH.get(device)
+    if buffer is None or buffer.numel() < numel:
+        buffer = torch.empty(numel, dtype=torch.float32, device=device)
+        _SCRATCH[device] = buffer
+    return buffer[:numel].view(shape)
+
+
+def free_scratch() -> None:
+    """Release the fp32 work buffers."""
+    _SCRATCH.clear()
 
 
 class WeightFusion:
@@ -55,11 +78,14 @@ class WeightFusion:
         with torch.no_grad():
             dense = [d for d in deltas if d[0].support() is None]
             if dense and exact and self._holds_original:
-                first = dense[0]
-                first[0].write_from(weight, self._host_copy.to(weight.device, non_blocking=True), first[1])
-                for layer, scale in deltas:
-                    if layer is not first[0]:
-                        layer.add_to_weight(weight, scale)
+                first, rest = dense[0], [d for d in deltas if d is not dense[0]]
+                if self._host_copy.device == weight.device:
+                    first[0].write_from(weight, self._host_copy, first[1])
+                else:  # accelerator: one pinned host-to-device copy, then accumulate in place
+                    weight.copy_(self._host_copy, non_blocking=True)
+                    rest.insert(0, first)
+                for layer, scale in rest:
+                    layer.add_to_weight(weight, scale)
                 self.applied = deltas
                 return
             self.restore(weight)
@@ -97,7 +123,7 @@ class WeightFusion:
     def _save_original(self, weight: Tensor) -> None:
         buffer = self._host_copy
         if buffer is None or buffer.shape != weight.shape or buffer.dtype != weight.dtype:
-            buffer = torch.empty(weight.shape, dtype=weight.dtype, device="cpu")
+            buffer = torch.empty(weight.shape, dtype=weight.dtype, device="cpu", pin_memory=weight.is_cuda)
             self._host_copy = buffer
         buffer.copy_(weight)
         self._holds_original = True

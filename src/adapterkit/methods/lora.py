@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig
 from ..errors import ConfigError
+from ..fusion import fp32_scratch
 from ..layers import DeltaLayer
 from ..peft_format import PeftCodec
 from ..registry import AdapterMethod, register_method
@@ -121,21 +122,24 @@ class LoRALayer(DeltaLayer):
         return self.lora_B, self.lora_A
 
     def add_to_weight(self, weight: Tensor, scale: float) -> None:
-        left, right = self._factors()
-        alpha = self.scaling * scale
-        if weight.dtype == torch.float32 and weight.device == left.device:
-            weight.addmm_(left.detach(), right.detach(), alpha=alpha)
-        else:  # low precision: accumulate in fp32, round once
-            acc = weight.float().to(left.device)
-            acc.addmm_(left.detach(), right.detach(), alpha=alpha)
-            weight.copy_(acc)
+        self.write_from(weight, weight, scale)
 
     def write_from(self, weight: Tensor, source: Tensor, scale: float) -> None:
         left, right = self._factors()
-        if weight.dtype == source.dtype == torch.float32 and weight.device == source.device == left.device:
-            torch.addmm(source, left.detach(), right.detach(), alpha=self.scaling * scale, out=weight)
-        else:
-            super().write_from(weight, source, scale)
+        left, right, alpha = left.detach(), right.detach(), self.scaling * scale
+        if weight.dtype == torch.float32 and weight.device == left.device:
+            if source is weight:
+                weight.addmm_(left, right, alpha=alpha)
+            elif source.device == weight.device and source.dtype == weight.dtype:
+                torch.addmm(source, left, right, alpha=alpha, out=weight)  # one pass: original + ΔW
+            else:
+                weight.copy_(source)
+                weight.addmm_(left, right, alpha=alpha)
+            return
+        acc = fp32_scratch(weight.shape, left.device)  # low precision: accumulate in fp32, round once
+        acc.copy_(source)
+        acc.addmm_(left, right, alpha=alpha)
+        weight.copy_(acc)
 
     def extra_repr(self) -> str:
         return f"adapter={self.adapter_name!r}, r={self.rank}, scaling={self.scaling:g}"
