@@ -117,3 +117,42 @@ def test_bf16_base_runs_with_fp32_adapter():
 def test_invalid_lora_config_values_raise(bad):
     with pytest.raises(ak.ConfigError):
         ak.LoRAConfig(target_modules=["q"], **bad)
+
+
+def test_training_forward_and_backward_never_build_a_dense_delta():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RecordShapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:  # skip views
+                    self.shapes.append(tuple(t.shape))
+            return out
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(96, 80))
+    ak.attach(model, ak.LoRAConfig(r=4, target_modules=["0"], init="random"))
+    x = torch.randn(5, 96)
+    with RecordShapes() as recorder:
+        model(x).sum().backward()
+    assert (80, 96) not in recorder.shapes and (96, 80) not in recorder.shapes
+    assert (4, 96) in recorder.shapes and (80, 4) in recorder.shapes  # the factors' gradients
+
+
+def test_a_deep_copy_carries_independent_adapters(mlp):
+    import copy
+
+    ak.attach(mlp, ak.LoRAConfig(target_modules=["0", "2"], init="random"), "a")
+    twin = copy.deepcopy(mlp)
+    x = torch.randn(3, 8)
+    ak.fuse(twin)
+    assert ak.fused_adapters(twin) == [("a", 1.0)] and ak.fused_adapters(mlp) == []
+    torch.testing.assert_close(twin(x), mlp(x), rtol=1e-5, atol=1e-6)
+    ak.detach(twin, "a")
+    assert ak.adapters(mlp) == ["a"] and isinstance(mlp[0], AdaptedModule)

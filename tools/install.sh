@@ -23,4 +23,4 @@ if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split(
 fi
 pip install -q -r requirements.lock
 pip install -q --no-deps -e .
-"$VENV/bin/python" -m adapterkit.data fetch
+"$VENV/bin/adapterkit" fetch-data

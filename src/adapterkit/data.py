@@ -114,16 +114,3 @@ def vader(subset: str = "movies", split: str = "train", test_size: int = 1000, s
     return LabelledTexts(
         tuple(t for t, _ in chosen), tuple(int(s > 0) for _, s in chosen), tuple(s for _, s in chosen)
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if args != ["fetch"]:
-        print("usage: python -m adapterkit.data fetch", file=sys.stderr)
-        return 2
-    print(f"VADER data: {fetch_vader()}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
