@@ -5,6 +5,7 @@ The test-only methods below are registered from outside the core, which is how e
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 import weakref
@@ -56,7 +57,9 @@ class DiagonalMethod(ak.AdapterMethod):
 
 @dataclasses.dataclass(frozen=True)
 class ShiftConfig(ak.AdapterConfig):
-    """An inserted module: adds a learned bias to the output."""
+    """An inserted module: adds a learned bias to the output of any module (``width`` wide)."""
+
+    width: int = 4
 
 
 class ShiftLayer(ModuleLayer):
@@ -74,10 +77,10 @@ class ShiftMethod(ak.AdapterMethod):
     config_class = ShiftConfig
 
     def supports(self, module: nn.Module) -> bool:
-        return isinstance(module, nn.Linear)
+        return True
 
     def create_layer(self, config, adapter_name, module_name, module):
-        return ShiftLayer(adapter_name, module.out_features)
+        return ShiftLayer(adapter_name, config.width)
 
 
 # -- tests ---------------------------------------------------------------------------------------
@@ -260,3 +263,38 @@ def test_loading_does_not_advance_the_callers_random_stream(mlp, tmp_path):
     torch.manual_seed(5)
     ak.attach(mlp, ak.LoRAConfig(target_modules=["0"]), "b")  # a fresh adapter does draw its init
     assert not torch.equal(torch.rand(3), after_load)
+
+
+def test_a_container_module_can_be_saved_whole_beside_fused_deltas(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))).eval()
+    x = torch.randn(3, 8)
+    ak.attach(model, ak.LoRAConfig(target_modules=["0"], modules_to_save=["1"], init="random"), "a")
+    with torch.no_grad():
+        model[1].layer("a").module[2].bias.add_(1.0)
+    unfused = model(x)
+    ak.fuse(model)
+    torch.testing.assert_close(model(x), unfused, rtol=1e-5, atol=1e-6)
+    ak.unfuse(model)
+    ak.save(model, tmp_path / "a", "a")
+    fresh = copy.deepcopy(model)
+    ak.detach(fresh, "a")
+    ak.load(fresh, tmp_path / "a")
+    assert torch.equal(fresh(x), unfused)
+
+
+def test_an_inserted_module_around_a_block_and_lora_inside_it_nest():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8), nn.Tanh()), nn.Linear(8, 2)).eval()
+    x = torch.randn(3, 8)
+    ak.attach(model, ShiftConfig(target_modules="1", width=8), "block")  # regex: exactly "1", not "1.1"
+    ak.attach(model, ak.LoRAConfig(target_modules=["1.0"], init="random"), "inner")  # inside the wrapped block
+    assert isinstance(model[1].base_layer[0], AdaptedModule)
+    ak.activate(model, ["block", "inner"])
+    inner = model[1].base_layer[0]
+    expected = model[2](torch.tanh(inner.base_layer(model[0](x)) + inner.adapters[0].delta_output(model[0](x), 1.0)) + 1.0)
+    torch.testing.assert_close(model(x), expected)
+    ak.detach(model, "block")
+    assert isinstance(model[1], nn.Sequential) and isinstance(model[1][0], AdaptedModule)
+    ak.detach(model, "inner")
+    assert all(not isinstance(m, AdaptedModule) for m in model.modules())

@@ -12,6 +12,7 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .config import AdapterConfig
 from .errors import (
@@ -28,7 +29,7 @@ from .fusion import free_scratch
 from .layers import AdaptedModule, AdapterLayer, DeltaLayer, ModuleCopy
 from .registry import method_for
 from .state import AdapterRecord, ModelState, Weighted, drop_state, ensure_state, get_state, is_fusable, peek_state
-from .targeting import logical_modules, select_modules
+from .targeting import logical_modules, physical_path, select_modules
 
 Names = str | Sequence[str] | None
 
@@ -87,7 +88,7 @@ def prepare(
 
 
 def _replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_name, _, child = path.rpartition(".")
+    parent_name, _, child = physical_path(model, path).rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
 
@@ -99,7 +100,7 @@ def commit(model: nn.Module, prepared: PreparedAdapter) -> None:
     for path, layer in prepared.layers.items():
         wrapper = state.wrappers.get(path)
         if wrapper is None:
-            base = model.get_submodule(path)
+            base = model.get_submodule(physical_path(model, path))
             wrapper = AdaptedModule(base).train(base.training)
             _replace_module(model, path, wrapper)
             state.wrappers[path] = wrapper
@@ -195,8 +196,14 @@ def activate(model: nn.Module, names: Names, weights: Sequence[float] | None = N
     state.refresh_plans()
 
 
+PROGRESS_BYTES = 2**30  # show a progress bar when fusing touches more than 1 GiB of weights
+
+
 def _fuse_into_weights(state: ModelState, target: Weighted, exact: bool) -> None:
-    for wrapper in state.wrappers.values():
+    wrappers = list(state.wrappers.values())
+    weights = [getattr(w.base_layer, "weight", None) for w in wrappers]
+    size = sum(t.numel() * t.element_size() for t in weights if isinstance(t, torch.Tensor))
+    for wrapper in tqdm(wrappers, desc="fuse", unit="layer", leave=False, disable=size < PROGRESS_BYTES):
         deltas = []
         for name, weight in target:
             layer = wrapper.layer(name)
@@ -243,7 +250,8 @@ def unfuse(model: nn.Module, free_memory: bool = False) -> None:
     """
     state = get_state(model)
     for wrapper in state.wrappers.values():
-        wrapper.fusion.restore(wrapper.weight)
+        if wrapper.fusion.is_fused:
+            wrapper.fusion.restore(wrapper.weight)
         if free_memory:
             wrapper.fusion.free_memory()
     if free_memory:

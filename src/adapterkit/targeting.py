@@ -41,6 +41,20 @@ def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     yield from walk("", model)
 
 
+def physical_path(model: nn.Module, path: str) -> str:
+    """The real attribute path of logical module ``path``: inside a wrapped ancestor the walk
+    goes through its ``base_layer``."""
+    parts, module = [], model
+    names = path.split(".")
+    for i, name in enumerate(names):
+        module = getattr(module, name)
+        parts.append(name)
+        if isinstance(module, AdaptedModule) and i < len(names) - 1:
+            module = module.base_layer
+            parts.append("base_layer")
+    return ".".join(parts)
+
+
 def _is_linear(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear):
         return True
@@ -82,7 +96,8 @@ def is_module_to_save(config: AdapterConfig, name: str) -> bool:
 def select_modules(model: nn.Module, config: AdapterConfig) -> tuple[list[str], list[str]]:
     """Names of the modules to adapt and of the modules to copy (``modules_to_save``)."""
     modules = list(logical_modules(model))
-    copies = [name for name, _ in modules if is_module_to_save(config, name)]
+    matched = [name for name, _ in modules if is_module_to_save(config, name)]
+    copies = [c for c in matched if not any(c.startswith(f"{outer}.") for outer in matched)]  # outer copy holds it
     if config.modules_to_save and not copies:
         raise TargetError(f"modules_to_save {list(config.modules_to_save)} matched no module of the model")
     copied_prefixes = tuple(f"{c}." for c in copies)
