@@ -298,3 +298,15 @@ def test_an_inserted_module_around_a_block_and_lora_inside_it_nest():
     assert isinstance(model[1], nn.Sequential) and isinstance(model[1][0], AdaptedModule)
     ak.detach(model, "inner")
     assert all(not isinstance(m, AdaptedModule) for m in model.modules())
+
+
+def test_fingerprint_of_a_block_ignores_adapters_inside_it(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8), nn.Tanh()), nn.Linear(8, 2)).eval()
+    ak.attach(model, ShiftConfig(target_modules="1", width=8), "block")
+    ak.save(model, tmp_path / "block", "block")
+    ak.attach(model, ak.LoRAConfig(target_modules=["1.0"], init="random"), "inner")
+    ak.fuse(model, ["inner"])
+    twin = copy.deepcopy(model)
+    ak.detach(twin, "block")
+    assert ak.load(twin, tmp_path / "block", verify="full") == "block"  # same base despite the fused LoRA

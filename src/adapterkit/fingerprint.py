@@ -16,7 +16,7 @@ Nothing is cached: a cache could not see changes made through ``.data``.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -55,14 +55,23 @@ def tensor_sample_digest(tensor: Tensor) -> str:
     return h.hexdigest()
 
 
-def _module_digest(model: nn.Module, path: str, module: nn.Module, digest: Callable[[Tensor], str]) -> str:
-    """Digest of all of a module's own parameters; a fused weight counts as its original."""
+def _base_parameters(model: nn.Module, path: str, module: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """A logical module's base parameters: adapters left out, fused weights as their originals."""
     wrapper = get_state(model).wrappers.get(path)
-    fused = isinstance(wrapper, AdaptedModule) and wrapper.fusion.is_fused
-    h = hashlib.sha256()
-    for name, param in sorted(module.named_parameters()):
-        if fused and name == "weight":
+    for name, param in module.named_parameters(recurse=False):
+        if name == "weight" and wrapper is not None and wrapper.fusion.is_fused:
             param = wrapper.fusion.original(wrapper.weight)
+        yield name, param
+    for child_name, child in module.named_children():
+        if isinstance(child, AdaptedModule):
+            child = child.base_layer
+        for name, param in _base_parameters(model, f"{path}.{child_name}", child):
+            yield f"{child_name}.{name}", param
+
+
+def _module_digest(model: nn.Module, path: str, module: nn.Module, digest: Callable[[Tensor], str]) -> str:
+    h = hashlib.sha256()
+    for name, param in sorted(_base_parameters(model, path, module), key=lambda item: item[0]):
         h.update(f"{name}:{digest(param)};".encode())
     return h.hexdigest()
 
