@@ -105,16 +105,16 @@ def load(model: nn.Module, directory: str | Path, name: str | None = None, *,
     """
     if verify not in VERIFY_MODES:
         raise ConfigError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
-    ignore_fingerprint = ignore_fingerprint or verify == "none"
-    full = verify == "full"
+    # full=True: hash every value; False: the fixed sample; None: no hash check (shapes still checked)
+    full = None if ignore_fingerprint or verify == "none" else verify == "full"
     directory = Path(directory)
     if not directory.is_dir():
         raise MissingFileError(f"adapter directory not found: {directory}")
     data = read_json(directory / CONFIG_FILE)
     if "peft_type" in data:
-        prepared = _read_peft(model, directory, data, name or "default", None if ignore_fingerprint else full)
+        prepared = _read_peft(model, directory, data, name or "default", full)
     elif data.get("format") == FORMAT:
-        prepared = _read_native(model, directory, data, name, None if ignore_fingerprint else full)
+        prepared = _read_native(model, directory, data, name, full)
     else:
         raise CorruptFileError(f"{directory / CONFIG_FILE}: neither an adapterkit nor a PEFT adapter config")
     commit(model, prepared)
