@@ -110,24 +110,16 @@ AK_CASES = {
 
 
 @pytest.mark.parametrize("case", AK_CASES)
-def test_adapterkit_adapter_loads_in_peft_with_same_logits(case, request, token_ids, tmp_path):
-    """ak.save(format="peft") is read by peft.PeftModel.from_pretrained with the same logits."""
+def test_adapterkit_adapter_loads_in_peft_with_same_logits_unfused_and_fused(case, request, token_ids, tmp_path):
+    """ak.save(format="peft") is read by peft.PeftModel.from_pretrained with the same logits, and
+    ak.fuse gives the same logits as peft's merge_and_unload of that adapter."""
     fixture, lora = AK_CASES[case]
     base = request.getfixturevalue(fixture)
     model = ak_model(base, **lora)
     ak.save(model, tmp_path, "sentiment", format="peft")
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
     torch.testing.assert_close(logits(loaded, token_ids), logits(model, token_ids), atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("case", AK_CASES)
-def test_fused_adapterkit_equals_peft_merged(case, request, token_ids, tmp_path):
-    """ak.fuse of an adapter gives the same logits as peft's merge_and_unload of the same adapter."""
-    fixture, lora = AK_CASES[case]
-    base = request.getfixturevalue(fixture)
-    model = ak_model(base, **lora)
-    ak.save(model, tmp_path, "sentiment", format="peft")
-    merged = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).merge_and_unload().eval()
+    merged = loaded.merge_and_unload().eval()
     ak.fuse(model, "sentiment")
     torch.testing.assert_close(logits(model, token_ids), logits(merged, token_ids), atol=1e-5, rtol=1e-5)
 
