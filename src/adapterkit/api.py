@@ -28,7 +28,7 @@ from .errors import (
 from .fusion import free_scratch
 from .layers import AdaptedModule, AdapterLayer, DeltaLayer, ModuleCopy
 from .registry import method_for
-from .state import AdapterRecord, ModelState, Weighted, drop_state, ensure_state, get_state, is_fusable, peek_state
+from .state import AdapterRecord, ModelState, Weighted, drop_state, ensure_state, get_state, is_fusable
 from .targeting import logical_modules, physical_path, select_modules
 
 Names = str | Sequence[str] | None
@@ -308,10 +308,6 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
         if param.requires_grad:
             trainable += param.numel()
     return trainable, total
-
-
-def has_adapters(model: nn.Module) -> bool:
-    return peek_state(model) is not None
 
 
 def merge_and_unload(model: nn.Module, names: Names = None, weights: Sequence[float] | None = None) -> nn.Module:
