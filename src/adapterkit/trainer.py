@@ -23,7 +23,9 @@ class AdapterTrainer(Trainer):
         adapter_names: which adapters to save (default: all attached ones).
         save_format: ``"adapterkit"`` or ``"peft"``.
 
-    Resume from a checkpoint by loading its adapters with :func:`adapterkit.load` before training.
+    Checkpoints hold no base weights, so ``resume_from_checkpoint`` and
+    ``load_best_model_at_end`` are not wired in: load the wanted checkpoint's adapters with
+    :func:`adapterkit.load` (or ``ak.detach`` + ``ak.load``) before training or evaluating.
     """
 
     def __init__(self, *args: Any, adapter_names: Sequence[str] | None = None, save_format: str = "adapterkit", **kwargs: Any) -> None:
