@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -48,11 +48,13 @@ def prepare(
     name: str,
     targets: Sequence[str] | None = None,
     copies: Sequence[str] | None = None,
+    options: dict[str, Any] | None = None,
 ) -> PreparedAdapter:
     """Build the layers of a new adapter without touching the model.
 
-    ``targets``/``copies`` name the modules explicitly (when loading a file); otherwise the
-    config's matching rules select them.
+    ``targets``/``copies`` name the modules explicitly (when loading a file: the layers are
+    built empty, to receive saved tensors); otherwise the config's matching rules select them
+    and ``options`` go to the method's :meth:`~adapterkit.AdapterMethod.setup`.
     """
     if not isinstance(name, str) or not name:
         raise ConfigError(f"adapter name must be a non-empty string, got {name!r}")
@@ -74,12 +76,18 @@ def prepare(
         module = modules[path]
         if not method.supports(module):
             raise TargetError(f"module {path!r} ({type(module).__name__}) cannot be adapted by method {method.name!r}")
-    devices = sorted({p.device.index or 0 for path in targets for p in modules[path].parameters() if p.is_cuda})
-    # Layers built for loading get their values from the file: their random init must not
-    # advance the caller's random streams.
-    with torch.random.fork_rng(devices=devices, enabled=explicit):
+    if explicit:
+        devices = sorted({p.device.index or 0 for path in targets for p in modules[path].parameters() if p.is_cuda})
+        # Layers built for loading get their values from the file: building them must not
+        # advance the caller's random streams.
+        with torch.random.fork_rng(devices=devices):
+            for path in targets:
+                layers[path] = method.empty_layer(config, name, path, modules[path])
+    else:
+        context = method.setup(model, config, name, {path: modules[path] for path in targets}, **(options or {}))
+        extra = () if context is None else (context,)  # methods without setup need not take a context
         for path in targets:
-            layers[path] = method.create_layer(config, name, path, modules[path])
+            layers[path] = method.create_layer(config, name, path, modules[path], *extra)
     for path in copies or ():
         layers[path] = ModuleCopy(name, modules[path])
     fusable = all(is_fusable(layer) for layer in layers.values())
@@ -117,13 +125,14 @@ def commit(model: nn.Module, prepared: PreparedAdapter) -> None:
     state.refresh_plans()
 
 
-def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn.Module:
+def attach(model: nn.Module, config: AdapterConfig, name: str = "default", **options: Any) -> nn.Module:
     """Add a new adapter to ``model`` in place and return the model.
 
     The base model's parameters are frozen and the new adapter's are trainable. If no adapter
-    was active, the new one becomes active.
+    was active, the new one becomes active. ``options`` are method-specific (e.g. SHiRA's
+    ``calibration=batches`` for gradient-based masks).
     """
-    commit(model, prepare(model, config, name))
+    commit(model, prepare(model, config, name, options=options))
     return model
 
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ._version import __version__
 from .api import PreparedAdapter, commit, prepare
+from .api import fuse as fuse_adapters
 from .errors import (
     AdapterError,
     BaseModelMismatchError,
@@ -95,13 +96,14 @@ def save(model: nn.Module, directory: str | Path, name: str = "default", format:
 
 
 def load(model: nn.Module, directory: str | Path, name: str | None = None, *,
-         ignore_fingerprint: bool = False, verify: str = "sampled") -> str:
+         ignore_fingerprint: bool = False, verify: str = "sampled", fuse: bool = False) -> str:
     """Attach the adapter saved in ``directory`` (adapterkit or PEFT format); return its name.
 
     The name defaults to the saved one (``"default"`` for PEFT directories). A base model whose
     targeted weights differ from the ones the adapter was trained on raises
     :class:`FingerprintMismatchError` unless ``ignore_fingerprint=True``. ``verify="sampled"``
     (default) compares a hash of a fixed sample of each weight; ``verify="full"`` hashes every value.
+    ``fuse=True`` folds the adapter into the base weights right away (replacing whatever is fused).
     """
     if verify not in VERIFY_MODES:
         raise ConfigError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
@@ -118,6 +120,8 @@ def load(model: nn.Module, directory: str | Path, name: str | None = None, *,
     else:
         raise CorruptFileError(f"{directory / CONFIG_FILE}: neither an adapterkit nor a PEFT adapter config")
     commit(model, prepared)
+    if fuse:
+        fuse_adapters(model, [prepared.record.name], exact=get_state(model).fused_exact)
     return prepared.record.name
 
 

@@ -66,6 +66,11 @@ class DeltaLayer(AdapterLayer):
         """Flat indices of the weight entries ΔW touches, or ``None`` when ΔW is dense."""
         return None
 
+    def forward_with_base(self, base: nn.Module, x: Tensor, scale: float) -> Tensor:
+        """``base(x) + scale · ΔW x`` in one step. Optional: a method overrides it when that is
+        cheaper than the two parts (used when this is the only active delta of the module)."""
+        return base(x) + self.delta_output(x, scale)
+
 
 class ModuleLayer(AdapterLayer):
     """An inserted module: it changes the wrapped module's output and cannot be fused."""
@@ -117,6 +122,7 @@ class ForwardPlan:
     replacement: ModuleCopy | None = None
     deltas: tuple[tuple[DeltaLayer, float], ...] = ()
     modules: tuple[tuple[ModuleLayer, float], ...] = ()
+    solo: tuple[DeltaLayer, float] | None = None  # the only delta, with its own combined forward
 
 
 class AdaptedModule(nn.Module):
@@ -161,7 +167,11 @@ class AdaptedModule(nn.Module):
                     deltas.append((layer, weight))
             elif isinstance(layer, ModuleLayer):
                 modules.append((layer, weight))
-        self.plan = ForwardPlan(replacement, tuple(deltas), tuple(modules))
+        solo = None
+        if replacement is None and len(deltas) == 1:
+            overridden = type(deltas[0][0]).forward_with_base is not DeltaLayer.forward_with_base
+            solo = deltas[0] if overridden else None
+        self.plan = ForwardPlan(replacement, tuple(deltas), tuple(modules), solo)
 
     @property
     def weight(self) -> Tensor:
@@ -170,10 +180,13 @@ class AdaptedModule(nn.Module):
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         plan = self.plan
-        module = plan.replacement if plan.replacement is not None else self.base_layer
-        out = module(x, *args, **kwargs)
-        for layer, scale in plan.deltas:
-            out = out + layer.delta_output(x, scale)
+        if plan.solo is not None:
+            out = plan.solo[0].forward_with_base(self.base_layer, x, plan.solo[1])
+        else:
+            module = plan.replacement if plan.replacement is not None else self.base_layer
+            out = module(x, *args, **kwargs)
+            for layer, scale in plan.deltas:
+                out = out + layer.delta_output(x, scale)
         for layer, scale in plan.modules:
             out = layer.adapt(x, out, scale)
         return out

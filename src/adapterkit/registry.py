@@ -6,11 +6,11 @@ so adding a method never edits core files.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
-from .errors import UnknownMethodError
+from .errors import ConfigError, UnknownMethodError
 
 if TYPE_CHECKING:
     from .config import AdapterConfig
@@ -34,9 +34,28 @@ class AdapterMethod:
         """Whether this method can adapt ``module`` (e.g. only ``nn.Linear``)."""
         raise NotImplementedError
 
-    def create_layer(self, config: "AdapterConfig", adapter_name: str, module_name: str, module: nn.Module) -> "AdapterLayer":
-        """Build the adapter's state for one base module, on the module's device."""
+    def setup(self, model: nn.Module, config: "AdapterConfig", adapter_name: str,
+              targets: dict[str, nn.Module], **options: Any) -> Any:
+        """Model-wide work before the layers are built, e.g. calibration gradients for a mask.
+
+        ``options`` are the extra keyword arguments of :func:`adapterkit.attach`. The returned
+        context is handed to :meth:`create_layer`. It must not change the model.
+        """
+        if options:
+            raise ConfigError(f"method {self.name!r} takes no attach options, got {sorted(options)}")
+        return None
+
+    def create_layer(self, config: "AdapterConfig", adapter_name: str, module_name: str, module: nn.Module,
+                     context: Any = None) -> "AdapterLayer":
+        """Build the adapter's state for one base module, on the module's device.
+
+        ``context`` (the result of :meth:`setup`) is passed only when it is not ``None``.
+        """
         raise NotImplementedError
+
+    def empty_layer(self, config: "AdapterConfig", adapter_name: str, module_name: str, module: nn.Module) -> "AdapterLayer":
+        """A layer about to receive saved tensors (no initialisation work needed)."""
+        return self.create_layer(config, adapter_name, module_name, module)
 
 
 _METHODS: dict[str, AdapterMethod] = {}

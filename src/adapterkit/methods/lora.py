@@ -206,7 +206,8 @@ class LoRAMethod(AdapterMethod):
     def supports(self, module: nn.Module) -> bool:
         return isinstance(module, nn.Linear) or _is_conv1d(module)
 
-    def create_layer(self, config: AdapterConfig, adapter_name: str, module_name: str, module: nn.Module) -> LoRALayer:
+    def create_layer(self, config: AdapterConfig, adapter_name: str, module_name: str, module: nn.Module,
+                     context: Any = None) -> LoRALayer:
         assert isinstance(config, LoRAConfig)
         return LoRALayer(
             adapter_name,
