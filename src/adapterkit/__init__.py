@@ -7,7 +7,7 @@
     ak.fuse(model); ak.unfuse(model)   # bit-exact
 """
 
-from . import errors
+from . import errors, metrics
 from ._version import __version__
 from .api import (
     activate,
@@ -47,7 +47,7 @@ from .errors import (
     UnsupportedError,
 )
 from .layers import AdaptedModule, AdapterLayer, DeltaLayer, ModuleLayer
-from .methods import LoRAConfig
+from .methods import LoRAConfig, ShiraConfig
 
 
 def __getattr__(name: str):  # transformers is optional: import the Trainer integration on first use
@@ -62,6 +62,7 @@ from .training import TextBatches, accuracy, predict, train
 __all__ = [
     "__version__",
     "errors",
+    "metrics",
     "activate",
     "active_adapters",
     "adapter_parameters",
@@ -79,6 +80,7 @@ __all__ = [
     "save",
     "AdapterConfig",
     "LoRAConfig",
+    "ShiraConfig",
     "AdapterTrainer",
     "AdaptedModule",
     "AdapterLayer",

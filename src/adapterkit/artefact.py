@@ -63,9 +63,10 @@ def save(model: nn.Module, directory: str | Path, name: str = "default", format:
         codec = record.method.peft
         if codec is None:
             raise UnsupportedError(f"method {record.method.name!r} has no PEFT file format; save with format='adapterkit'")
+        layers = dict(state.layers(name))
         tensors = join_keys(
             codec,
-            {p: by_module[p] for p in record.targets},
+            {p: codec.layer_tensors(layers[p]) for p in record.targets},
             {p: by_module[p] for p in record.copies},
         )
         config = {

@@ -36,26 +36,33 @@ class _SavedEntries:
     values: Tensor
 
 
-_SCRATCH: dict[torch.device, Tensor] = {}
+_WORK: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
 
-def fp32_scratch(shape: torch.Size, device: torch.device) -> Tensor:
-    """A reusable fp32 work buffer for fusing low-precision weights (one per device, grown as needed).
+def work_buffer(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A reusable weight-sized work buffer (one per device and dtype, grown as needed).
 
     Fresh allocations of weight-sized buffers cost more than the arithmetic (page faults), so
-    bf16/fp16 fusing accumulates here and rounds into the weight once. Not thread-safe.
+    e.g. bf16 fusing accumulates in an fp32 buffer and rounds into the weight once. The content
+    is valid until the next call for the same device and dtype. Not thread-safe.
     """
     numel = math.prod(shape)
-    buffer = _SCRATCH.get(device)
+    key = (torch.device(device), dtype)
+    buffer = _WORK.get(key)
     if buffer is None or buffer.numel() < numel:
-        buffer = torch.empty(numel, dtype=torch.float32, device=device)
-        _SCRATCH[device] = buffer
+        buffer = torch.empty(numel, dtype=dtype, device=device)
+        _WORK[key] = buffer
     return buffer[:numel].view(shape)
 
 
+def fp32_scratch(shape: torch.Size, device: torch.device) -> Tensor:
+    """:func:`work_buffer` in fp32."""
+    return work_buffer(shape, torch.float32, device)
+
+
 def free_scratch() -> None:
-    """Release the fp32 work buffers."""
-    _SCRATCH.clear()
+    """Release the work buffers."""
+    _WORK.clear()
 
 
 class WeightFusion:

@@ -66,6 +66,12 @@ class DeltaLayer(AdapterLayer):
         """Flat indices of the weight entries ΔW touches, or ``None`` when ΔW is dense."""
         return None
 
+    def delta_weight(self, shape: torch.Size, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The dense ΔW (for analysis, e.g. :mod:`adapterkit.metrics`; never used in training)."""
+        weight = torch.zeros(shape, dtype=dtype, device=next(iter(self.parameters())).device)
+        self.add_to_weight(weight, 1.0)
+        return weight
+
     def forward_with_base(self, base: nn.Module, x: Tensor, scale: float) -> Tensor:
         """``base(x) + scale · ΔW x`` in one step. Optional: a method overrides it when that is
         cheaper than the two parts (used when this is the only active delta of the module)."""

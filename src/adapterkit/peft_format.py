@@ -40,6 +40,10 @@ class PeftCodec:
     honoured: ClassVar[set[str]] = set()  # PEFT fields the codec reads
     must_be_default: ClassVar[Mapping[str, Any]] = {}  # fields adapterkit cannot honour unless default
 
+    def layer_tensors(self, layer: Any) -> dict[str, Tensor]:
+        """The layer's tensors by local key, in the form PEFT stores (default: its saved tensors)."""
+        return layer.tensors()
+
     def to_peft(self, config: AdapterConfig, targets: list[str]) -> dict[str, Any]:
         raise NotImplementedError
 
