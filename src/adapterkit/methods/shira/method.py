@@ -116,8 +116,11 @@ class ShiraMethod(AdapterMethod):
             indices = masks.from_scores(weight.abs(), k, exclude)
         elif rule == "grad":
             indices = masks.from_scores(gradient.abs(), k, exclude)
-        else:  # snip
+        elif rule == "snip":
             indices = masks.from_scores((weight.detach().float() * gradient).abs(), k, exclude)
+        else:
+            raise ConfigError(f"mask {rule!r} names a mask function, which is not saved with an adapter; "
+                              "pass the function itself as ShiraConfig(mask=...)")
         layer = ShiraLayer(adapter_name, (rows, cols), indices, weight.device, config.mask_name, seed, k, config.struct_axis)
         layer.regenerable = layer.regenerable and exclude is None
         return layer
