@@ -184,8 +184,7 @@ def _read_native(model: nn.Module, directory: Path, data: dict[str, Any], name: 
     by_module: dict[str, dict[str, Tensor]] = {}
     used = set()
     for path, layer in prepared.layers.items():
-        expected = layer.tensors()
-        by_module[path] = {k: tensors[f"{path}.{k}"] for k in expected if f"{path}.{k}" in tensors}
+        by_module[path] = {k: tensors[f"{path}.{k}"] for k in layer.accepted_keys() if f"{path}.{k}" in tensors}
         used.update(f"{path}.{k}" for k in by_module[path])
     unexpected = sorted(set(tensors) - used)
     if unexpected:

@@ -38,6 +38,10 @@ class AdapterLayer(nn.Module):
         """The tensors that are saved for this layer, by local key."""
         return {k: v.detach() for k, v in self.state_dict().items()}
 
+    def accepted_keys(self) -> set[str]:
+        """Local keys a saved file may hold for this layer (a method may accept several layouts)."""
+        return set(self.tensors())
+
     def load_tensors(self, tensors: Mapping[str, Tensor], where: str) -> None:
         """Copy saved tensors in; every expected key must be present with the right shape.
 

@@ -44,7 +44,8 @@ class ShiraConfig(AdapterConfig):
             raise ConfigError("ShiraConfig: give either density or r, not both")
         if self.density is None and self.r is None:
             object.__setattr__(self, "density", 0.01)
-        if self.density is not None and not (isinstance(self.density, (int, float)) and 0.0 < self.density <= 1.0):
+        if self.density is not None and not (isinstance(self.density, (int, float)) and not isinstance(self.density, bool)
+                                             and 0.0 < self.density <= 1.0):
             raise ConfigError(f"ShiraConfig: density must be in (0, 1], got {self.density!r}")
         if self.r is not None and not (isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0):
             raise ConfigError(f"ShiraConfig: r must be a positive integer, got {self.r!r}")

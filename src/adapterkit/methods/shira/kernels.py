@@ -67,7 +67,7 @@ class SparseLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, values, weight, indices = ctx.saved_tensors
-        grad_x = grad_v = None
+        grad_x = grad_v = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = grad @ effective_weight(weight, values, indices, ctx.scale)
         if ctx.needs_input_grad[1]:
@@ -75,7 +75,11 @@ class SparseLinear(torch.autograd.Function):
             g_t = grad.reshape(-1, weight.shape[0]).t().float().contiguous()
             x_t = x.reshape(-1, weight.shape[1]).t().float().contiguous()
             grad_v = sampled_dot(g_t, x_t, rows, cols) * ctx.scale
-        return grad_x, grad_v, None, None, None, None
+        if ctx.needs_input_grad[2]:  # only when someone unfreezes the base weight
+            grad_w = grad.reshape(-1, weight.shape[0]).t() @ x.reshape(-1, weight.shape[1])
+        if ctx.needs_input_grad[3]:
+            grad_b = grad.reshape(-1, weight.shape[0]).sum(0)
+        return grad_x, grad_v, grad_w, grad_b, None, None
 
 
 class SparseDelta(torch.autograd.Function):

@@ -64,6 +64,9 @@ class ShiraLayer(DeltaLayer):
             out.update(storage.pack(self.indices))
         return out
 
+    def accepted_keys(self) -> set[str]:
+        return {"values", storage.SEED, storage.DIGEST, storage.HEADER, storage.UNARY, storage.LOW, ROWCOL}
+
     def plain_tensors(self) -> dict[str, Tensor]:
         """Values and (2, nnz) int32 rows/cols, the layout PEFT uses."""
         rows, cols = self.indices // self.shape[1], self.indices % self.shape[1]
@@ -71,7 +74,7 @@ class ShiraLayer(DeltaLayer):
 
     def load_tensors(self, tensors: Mapping[str, Tensor], where: str) -> None:
         values = tensors.get("values")
-        if values is None or values.dim() != 1 or not values.is_floating_point():
+        if values is None or values.dim() != 1 or not values.is_floating_point() or values.numel() == 0:
             raise CorruptFileError(f"{where}: missing or malformed SHiRA values")
         numel = self.shape[0] * self.shape[1]
         keys = set(tensors) - {"values"}
@@ -83,7 +86,13 @@ class ShiraLayer(DeltaLayer):
                 raise CorruptFileError(f"{where}: the regenerated {self.mask_rule} mask differs from the saved one")
             self.mask_seed = int(tensors[storage.SEED][0])
         elif keys == {ROWCOL}:
-            rows, cols = tensors[ROWCOL].to(torch.int64)
+            pairs = tensors[ROWCOL]
+            # PEFT writes float32 indices on Windows: exact below 2**24, so integral values are accepted
+            integral = not pairs.is_floating_point() or bool((pairs == pairs.round()).all() and pairs.abs().max() < 2**24)
+            if pairs.dim() != 2 or pairs.shape[0] != 2 or pairs.shape[1] != values.numel() or not integral:
+                raise CorruptFileError(f"{where}: SHiRA indices must be (2, {values.numel()}) integers, got "
+                                       f"{tuple(pairs.shape)} {pairs.dtype}")
+            rows, cols = pairs.to(torch.int64)
             if rows.numel() and (rows.max() >= self.shape[0] or cols.max() >= self.shape[1] or min(rows.min(), cols.min()) < 0):
                 raise BaseModelMismatchError(f"{where}: SHiRA indices fall outside the {self.shape} weight")
             flat = rows * self.shape[1] + cols

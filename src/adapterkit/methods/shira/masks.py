@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ...errors import ConfigError
+from ...errors import ConfigError, FusedStateError
+from ...state import get_state
 
 
 def layer_seed(seed: int, adapter_name: str, module_name: str) -> int:
@@ -100,16 +101,22 @@ def from_callable(fn: Any, weight: Tensor, k: int, seed: int, gradient: Tensor |
 
 def calibration_gradients(model: nn.Module, targets: Mapping[str, nn.Module], batches: Iterable[Any],
                           loss_fn: Any = None, accumulate: str = "sum") -> dict[str, Tensor]:
-    """∇W of the calibration loss for every targeted weight, without changing the model.
+    """∇W of the calibration loss of the base model for every targeted weight, without changing
+    the model.
 
-    Gradients come from ``torch.autograd.grad``, so no ``.grad`` is written; requires_grad flags
-    and train/eval mode are restored afterwards.
+    Gradients come from ``torch.autograd.grad``, so no ``.grad`` is written; attached adapters
+    are switched off meanwhile; activation, requires_grad flags and train/eval mode are restored.
     """
     from ...training import _loss_of
 
+    state = get_state(model)
+    if state.fused:
+        raise FusedStateError("calibration needs the base weights: unfuse the fused adapters first")
     weights = {path: module.weight for path, module in targets.items()}
     flags = {path: w.requires_grad for path, w in weights.items()}
-    was_training = model.training
+    was_training, active = model.training, state.active
+    state.active = ()
+    state.refresh_plans()
     totals = {path: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for path, w in weights.items()}
     seen = 0
     try:
@@ -131,6 +138,8 @@ def calibration_gradients(model: nn.Module, targets: Mapping[str, nn.Module], ba
         for path, weight in weights.items():
             weight.requires_grad_(flags[path])
         model.train(was_training)
+        state.active = active
+        state.refresh_plans()
     if seen == 0:
         raise ConfigError("calibration data yielded no batches")
     return totals
