@@ -105,7 +105,12 @@ class WeightFusion:
             for layer, scale in deltas:
                 if exact and not dense:
                     indices = layer.support()
-                    self._saved_entries.append(_SavedEntries(indices, flat.index_select(0, indices)))
+                    before = flat.index_select(0, indices)
+                    self._saved_entries.append(_SavedEntries(indices, before))
+                    delta = layer.sparse_delta(scale)
+                    if delta is not None:  # one gather and one scatter per adapter: the floor for a switch
+                        flat.index_copy_(0, indices, (before.to(delta.dtype) + delta).to(flat.dtype))
+                        continue
                 layer.add_to_weight(weight, scale)
             self.applied = deltas
 

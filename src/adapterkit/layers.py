@@ -70,6 +70,11 @@ class DeltaLayer(AdapterLayer):
         """Flat indices of the weight entries ΔW touches, or ``None`` when ΔW is dense."""
         return None
 
+    def sparse_delta(self, scale: float) -> Tensor | None:
+        """For sparse deltas: ``scale · ΔW`` at :meth:`support`, in fp32 (lets fusing write
+        ``original + delta`` with one index copy instead of reading the weight again)."""
+        return None
+
     def delta_weight(self, shape: torch.Size, dtype: torch.dtype = torch.float32) -> Tensor:
         """The dense ΔW (for analysis, e.g. :mod:`adapterkit.metrics`; never used in training)."""
         weight = torch.zeros(shape, dtype=dtype, device=next(iter(self.parameters())).device)

@@ -54,6 +54,9 @@ class ShiraLayer(DeltaLayer):
     def support(self) -> Tensor:
         return self.indices
 
+    def sparse_delta(self, scale: float) -> Tensor:
+        return self.values.detach() * scale
+
     # -- files -------------------------------------------------------------------------------
     def tensors(self) -> dict[str, Tensor]:
         out = {"values": self.values.detach()}
