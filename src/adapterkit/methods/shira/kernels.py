@@ -3,12 +3,12 @@
 The adapter is ``S`` with values ``v`` at flat indices ``(row, col)`` of an ``out × in`` weight.
 Measured on this project's 2-core CPU (T = 1,000 tokens):
 
-* weight gradient ``∂L/∂v[j] = Σ_t g[t, row_j] · x[t, col_j]``: computed as chunked gathers of
-  the transposed activations (a sampled dense-dense product). 1.2–2.4× faster than the dense
-  ``gᵀx`` GEMM followed by a gather (384×384: 1.28 vs 1.54 ms; 1536×384: 3.4 vs 6.9 ms;
-  4096×4096: 82 vs 197 ms) and it never builds an ``out × in`` gradient. Chunks of about 2 MiB
-  of gathered values keep the blocks in cache (at T = 1,000, 4096-entry chunks were 15× slower
-  than 512-entry ones) while keeping the Python loop short when T is small;
+* weight gradient ``∂L/∂v[j] = Σ_t g[t, row_j] · x[t, col_j]``, a sampled dense-dense product,
+  with ``torch.sparse.sampled_addmm`` on the mask's CSR pattern: it never builds an ``out × in``
+  gradient, and in the training benchmark (bench/results/shira_train.md, "what-if" rows) it cut
+  the MiniLM all-linear step by 20% against chunked gathers of the transposed activations, which
+  in turn beat the dense ``gᵀx`` GEMM + gather by 1.2–2.4× (4096×4096, T = 1,000: 82 vs 197 ms).
+  (The gather variant is gone; :func:`scatter_product` still gathers for the multi-adapter path.)
 * forward when SHiRA is the module's only active delta: ``F.linear(x, W + S)`` with ``W + S``
   written into a reused work buffer (a memory copy, far cheaper than the GEMM) and rebuilt in
   backward instead of kept, so no dense copy outlives the layer's own computation;
@@ -16,6 +16,8 @@ Measured on this project's 2-core CPU (T = 1,000 tokens):
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -30,14 +32,25 @@ def _chunk(tokens: int) -> int:
     return max(256, min(16384, BLOCK // max(1, tokens)))
 
 
-def sampled_dot(g_t: Tensor, x_t: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """``out[j] = g_t[rows[j]] · x_t[cols[j]]`` for transposed (features × tokens) operands."""
-    out = torch.empty(rows.numel(), dtype=g_t.dtype, device=g_t.device)
-    chunk = _chunk(g_t.shape[1])
-    for start in range(0, rows.numel(), chunk):
-        stop = start + chunk
-        torch.sum(g_t.index_select(0, rows[start:stop]) * x_t.index_select(0, cols[start:stop]), 1, out=out[start:stop])
-    return out
+def csr_pattern(indices: Tensor, shape: tuple[int, int]) -> Tensor:
+    """The mask as a CSR tensor (zero values) for :func:`torch.sparse.sampled_addmm`.
+
+    Sorted flat indices are already in CSR order, so the sampled values line up with ``indices``.
+    """
+    rows, cols = _split(indices, shape[1])
+    crow = torch.zeros(shape[0] + 1, dtype=torch.int64, device=indices.device)
+    crow[1:] = torch.bincount(rows, minlength=shape[0]).cumsum(0)
+    with warnings.catch_warnings():  # "CSR support is in beta": the pattern is built right here
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, cols, torch.zeros(indices.numel(), device=indices.device),
+                                       size=shape, check_invariants=False)
+
+
+def sampled_grad(grad: Tensor, x: Tensor, pattern: Tensor) -> Tensor:
+    """``(gᵀ x)`` at the mask entries, in fp32, for 2-D ``grad`` (T × out) and ``x`` (T × in)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.sparse.sampled_addmm(pattern, grad.t().float(), x.float(), beta=0.0).values()
 
 
 def scatter_product(src_t: Tensor, values: Tensor, take: Tensor, put: Tensor, size: int) -> Tensor:
@@ -66,9 +79,10 @@ class SparseLinear(torch.autograd.Function):
     """``y = x (W + s·S)ᵀ + b``: gradients for ``x`` and ``v`` only (W and b are frozen)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, values: Tensor, weight: Tensor, bias: Tensor | None, indices: Tensor, scale: float) -> Tensor:
+    def forward(ctx, x: Tensor, values: Tensor, weight: Tensor, bias: Tensor | None, indices: Tensor, scale: float,
+                pattern: Tensor) -> Tensor:
         ctx.save_for_backward(x, values, weight, indices)
-        ctx.scale = scale
+        ctx.scale, ctx.pattern = scale, pattern
         return F.linear(x, effective_weight(weight, values, indices, scale), bias)
 
     @staticmethod
@@ -78,28 +92,27 @@ class SparseLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad @ effective_weight(weight, values, indices, ctx.scale)
         if ctx.needs_input_grad[1]:
-            rows, cols = _split(indices, weight.shape[1])
-            g_t = grad.reshape(-1, weight.shape[0]).t().float().contiguous()
-            x_t = x.reshape(-1, weight.shape[1]).t().float().contiguous()
-            grad_v = sampled_dot(g_t, x_t, rows, cols) * ctx.scale
+            g2, x2 = grad.reshape(-1, weight.shape[0]), x.reshape(-1, weight.shape[1])
+            grad_v = sampled_grad(g2, x2, ctx.pattern) * ctx.scale
         if ctx.needs_input_grad[2]:  # only when someone unfreezes the base weight
             grad_w = grad.reshape(-1, weight.shape[0]).t() @ x.reshape(-1, weight.shape[1])
         if ctx.needs_input_grad[3]:
             grad_b = grad.reshape(-1, weight.shape[0]).sum(0)
-        return grad_x, grad_v, grad_w, grad_b, None, None
+        return grad_x, grad_v, grad_w, grad_b, None, None, None
 
 
 class SparseDelta(torch.autograd.Function):
     """``y = s · x Sᵀ`` (the delta alone, used beside other active adapters)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, values: Tensor, indices: Tensor, shape: tuple[int, int], scale: float) -> Tensor:
+    def forward(ctx, x: Tensor, values: Tensor, indices: Tensor, shape: tuple[int, int], scale: float,
+                pattern: Tensor) -> Tensor:
         out_features, in_features = shape
         rows, cols = _split(indices, in_features)
         x_t = x.reshape(-1, in_features).t().to(values.dtype).contiguous()
         y_t = scatter_product(x_t, values.detach() * scale, cols, rows, out_features)
         ctx.save_for_backward(x_t, values, rows, cols)
-        ctx.scale, ctx.in_features, ctx.x_shape = scale, in_features, x.shape
+        ctx.scale, ctx.in_features, ctx.x_shape, ctx.pattern = scale, in_features, x.shape, pattern
         return y_t.t().reshape(*x.shape[:-1], out_features).to(x.dtype)
 
     @staticmethod
@@ -111,5 +124,5 @@ class SparseDelta(torch.autograd.Function):
             gx_t = scatter_product(g_t, values.detach() * ctx.scale, rows, cols, ctx.in_features)
             grad_x = gx_t.t().reshape(ctx.x_shape).to(grad.dtype)
         if ctx.needs_input_grad[1]:
-            grad_v = sampled_dot(g_t, x_t, rows, cols) * ctx.scale
-        return grad_x, grad_v, None, None, None
+            grad_v = sampled_grad(g_t.t(), x_t.t(), ctx.pattern) * ctx.scale
+        return grad_x, grad_v, None, None, None, None

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ...errors import BaseModelMismatchError, CorruptFileError
 from ...layers import DeltaLayer
 from . import masks, storage
-from .kernels import SparseDelta, SparseLinear
+from .kernels import SparseDelta, SparseLinear, csr_pattern
 
 ROWCOL = "indices_rowcol"  # (2, nnz) rows/cols, as PEFT stores them
 
@@ -37,11 +37,23 @@ class ShiraLayer(DeltaLayer):
         return self.values.numel()
 
     # -- compute -----------------------------------------------------------------------------
+    def _pattern(self) -> Tensor:
+        """The mask as CSR, cached until the indices change (loading) or move (``.to``)."""
+        cached = getattr(self, "_csr", None)
+        if cached is None or cached[0] is not self.indices:
+            self._csr = (self.indices, csr_pattern(self.indices, self.shape))
+        return self._csr[1]
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state.pop("_csr", None)  # a cache, and sparse CSR tensors cannot be deep-copied
+        return state
+
     def forward_with_base(self, base: nn.Module, x: Tensor, scale: float) -> Tensor:
-        return SparseLinear.apply(x, self.values, base.weight, base.bias, self.indices, scale)
+        return SparseLinear.apply(x, self.values, base.weight, base.bias, self.indices, scale, self._pattern())
 
     def delta_output(self, x: Tensor, scale: float) -> Tensor:
-        return SparseDelta.apply(x, self.values, self.indices, self.shape, scale)
+        return SparseDelta.apply(x, self.values, self.indices, self.shape, scale, self._pattern())
 
     def add_to_weight(self, weight: Tensor, scale: float) -> None:
         flat = weight.view(-1)
