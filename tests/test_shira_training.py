@@ -221,6 +221,47 @@ def test_unfuse_is_bit_exact_after_1000_switches(dtype):
     assert all(torch.equal(w, original[p]) for p, w in weights(model).items())
 
 
+def test_switching_reuses_gathered_originals_and_never_serves_stale_ones(monkeypatch):
+    """While fused, each adapter's originals are gathered once and reused by later switches; after an unfuse
+    (when the user may edit base weights, even through ``.data``) or a write by someone else, they are gathered
+    again, so every fused weight is exactly the current base plus the delta."""
+    model = shira_pair()
+    original = weights(model)
+    gathers = []
+    real_index_select = torch.Tensor.index_select
+    monkeypatch.setattr(torch.Tensor, "index_select", lambda t, *a: gathers.append(1) or real_index_select(t, *a))
+
+    def expect(path: str, name: str, base: torch.Tensor) -> None:
+        layer = model.get_submodule(path).layer(name)
+        expected = base.clone().view(-1).index_add_(0, layer.indices, layer.values.detach()).view(base.shape)
+        assert torch.equal(model.get_submodule(path).weight, expected)
+
+    ak.fuse(model, ["a"])
+    ak.switch(model, "b")
+    gathers.clear()
+    for name in ["a", "b"] * 5:
+        ak.switch(model, name)
+    assert not gathers  # every switch after the first visit writes from the cache
+    with torch.no_grad():
+        model[2].layer("a").values.add_(1.0)  # trained further while b is fused: the cache holds originals only
+    ak.switch(model, "a")
+    expect("2", "a", original["2"])
+    ak.unfuse(model)
+    model[2].weight.data.mul_(2.0)  # untracked by autograd's version counter
+    edited = model[2].weight.detach().clone()
+    ak.fuse(model, ["b"])
+    ak.switch(model, "a")
+    expect("2", "a", edited)
+    ak.switch(model, "b")
+    with torch.no_grad():
+        model[2].weight.view(-1)[model[2].layer("b").indices] += 0.0  # a tracked write by someone else
+    gathers.clear()
+    ak.switch(model, "a")
+    assert gathers  # the stale cache was dropped
+    ak.unfuse(model)
+    assert torch.equal(model[2].weight, edited)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_weighted_fuse_of_overlapping_adapters_adds(dtype):
     """Two wm adapters share their top entries: fusing with weights adds α₁v₁ + α₂v₂ there, equal to the unfused sum."""

@@ -8,6 +8,12 @@ fusion keeps what restores the original and writes it back:
   does not pay for a fresh allocation (``ak.unfuse(model, free_memory=True)`` or detaching
   frees it). ``exact=False`` never allocates it and subtracts instead (drifts by rounding error);
 * sparse deltas only (SHiRA, sparse masks): just the original values at the touched entries.
+  While the weight stays fused, the originals gathered for each sparse adapter are also kept
+  (keyed by its index tensor), so switching back and forth between adapters writes from that
+  cache instead of gathering from the weight again (a random-access gather costs as much as
+  both scatters). The cache is dropped by ``restore`` (``ak.unfuse``), since the user may change
+  base weights then, and whenever the weight was written by anyone else (its version counter);
+  it costs one value per entry of each adapter visited.
 
 Switching between dense deltas is one pass that reads the saved original and writes
 ``original + ΔW_new`` (one fused GEMM-accumulate for LoRA) instead of restore-then-fuse.
@@ -74,6 +80,8 @@ class WeightFusion:
         self._host_copy: Tensor | None = None  # reusable buffer for the dense original
         self._holds_original = False  # the buffer currently equals the original weight
         self._saved_entries: list[_SavedEntries] = []
+        self._originals: dict[int, _SavedEntries] = {}  # id(indices) -> originals at those entries
+        self._version = -1  # weight._version after our last write, to notice writes by others
 
     @property
     def is_fused(self) -> bool:
@@ -81,41 +89,58 @@ class WeightFusion:
 
     def set(self, weight: Tensor, deltas: Sequence[Scaled], exact: bool = True) -> None:
         """Make ``weight`` the original plus ``deltas``, replacing whatever is fused now."""
-        deltas = tuple(deltas)
+        if weight._version != self._version:  # written by someone else: cached originals may be stale
+            self._originals.clear()
         with torch.no_grad():
-            dense = [d for d in deltas if d[0].support() is None]
-            if dense and exact and self._holds_original:
-                first, rest = dense[0], [d for d in deltas if d is not dense[0]]
-                if self._host_copy.device == weight.device:
-                    first[0].write_from(weight, self._host_copy, first[1])
-                else:  # accelerator: one pinned host-to-device copy, then accumulate in place
-                    weight.copy_(self._host_copy, non_blocking=True)
-                    rest.insert(0, first)
-                for layer, scale in rest:
-                    layer.add_to_weight(weight, scale)
-                self.applied = deltas
-                return
-            self.restore(weight)
-            if not deltas:
-                return
-            self.exact = exact
-            if exact and dense:
-                self._save_original(weight)
-            flat = weight.view(-1)
-            for layer, scale in deltas:
-                if exact and not dense:
-                    indices = layer.support()
-                    before = flat.index_select(0, indices)
-                    self._saved_entries.append(_SavedEntries(indices, before))
-                    delta = layer.sparse_delta(scale)
-                    if delta is not None:  # one gather and one scatter per adapter: the floor for a switch
-                        flat.index_copy_(0, indices, (before.to(delta.dtype) + delta).to(flat.dtype))
-                        continue
+            self._set(weight, tuple(deltas), exact)
+        self._version = weight._version
+
+    def _set(self, weight: Tensor, deltas: tuple[Scaled, ...], exact: bool) -> None:
+        dense = [d for d in deltas if d[0].support() is None]
+        if dense and exact and self._holds_original:
+            first, rest = dense[0], [d for d in deltas if d is not dense[0]]
+            if self._host_copy.device == weight.device:
+                first[0].write_from(weight, self._host_copy, first[1])
+            else:  # accelerator: one pinned host-to-device copy, then accumulate in place
+                weight.copy_(self._host_copy, non_blocking=True)
+                rest.insert(0, first)
+            for layer, scale in rest:
                 layer.add_to_weight(weight, scale)
             self.applied = deltas
+            return
+        self._restore(weight)
+        if not deltas:
+            return
+        self.exact = exact
+        if exact and dense:
+            self._save_original(weight)
+        flat = weight.view(-1)
+        for position, (layer, scale) in enumerate(deltas):
+            if exact and not dense:
+                indices = layer.support()
+                # only the first delta sees the original weight; later ones may overlap it
+                before = self._cached_originals(flat, indices) if position == 0 else flat.index_select(0, indices)
+                self._saved_entries.append(_SavedEntries(indices, before))
+                delta = layer.sparse_delta(scale)
+                if delta is not None:  # one scatter per adapter (plus a gather on a cache miss)
+                    flat.index_copy_(0, indices, (before.to(delta.dtype) + delta).to(flat.dtype))
+                    continue
+            layer.add_to_weight(weight, scale)
+        self.applied = deltas
+
+    def _cached_originals(self, flat: Tensor, indices: Tensor) -> Tensor:
+        cached = self._originals.get(id(indices))
+        if cached is None or cached.indices is not indices or cached.values.dtype != flat.dtype:
+            cached = _SavedEntries(indices, flat.index_select(0, indices))
+            self._originals[id(indices)] = cached
+        return cached.values
 
     def restore(self, weight: Tensor) -> None:
         """Return ``weight`` to its original values and forget the fused deltas."""
+        self._restore(weight)
+        self._originals.clear()
+
+    def _restore(self, weight: Tensor) -> None:
         if not self.applied:
             return
         with torch.no_grad():
@@ -149,8 +174,12 @@ class WeightFusion:
     def host_bytes(self) -> int:
         """Host memory held for exact restoring."""
         buffer = 0 if self._host_copy is None else self._host_copy.numel() * self._host_copy.element_size()
-        return buffer + sum(s.indices.numel() * s.indices.element_size() + s.values.numel() * s.values.element_size()
-                            for s in self._saved_entries)
+        saved = sum(s.indices.numel() * s.indices.element_size() + s.values.numel() * s.values.element_size()
+                    for s in self._saved_entries)
+        # cached originals share their index tensors with the adapters (and with _saved_entries)
+        cached = sum(s.values.numel() * s.values.element_size() for s in self._originals.values()
+                     if not any(s.values is e.values for e in self._saved_entries))
+        return buffer + saved + cached
 
     def original(self, weight: Tensor) -> Tensor:
         """The base weight as it was before fusion (bit-exact), without unfusing."""
