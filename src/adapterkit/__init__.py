@@ -24,7 +24,7 @@ from .api import (
     trainable_parameters,
     unfuse,
 )
-from .artefact import load, save
+from .artefact import export, load, save
 from .config import AdapterConfig
 from .errors import (
     AdapterError,
@@ -47,17 +47,19 @@ from .errors import (
     UnsupportedError,
 )
 from .layers import AdaptedModule, AdapterLayer, DeltaLayer, ModuleLayer
-from .methods import LoRAConfig, ShiraConfig
+from .methods import DyLoRAConfig, LoRAConfig, ShiraConfig
+from .methods import dylora
+from .methods.dylora import RankSweep, rank_sweep, set_rank
 
 
 def __getattr__(name: str):  # transformers is optional: import the Trainer integration on first use
-    if name == "AdapterTrainer":
-        from .trainer import AdapterTrainer
+    if name in ("AdapterTrainer", "StepCallback"):
+        from . import trainer
 
-        return AdapterTrainer
+        return getattr(trainer, name)
     raise AttributeError(f"module 'adapterkit' has no attribute {name!r}")
 from .registry import AdapterMethod, get_method, register_method, registered_methods
-from .training import TextBatches, accuracy, predict, train
+from .training import TextBatches, accuracy, predict, step, train
 
 __all__ = [
     "__version__",
@@ -78,6 +80,14 @@ __all__ = [
     "unfuse",
     "load",
     "save",
+    "export",
+    "dylora",
+    "set_rank",
+    "rank_sweep",
+    "RankSweep",
+    "DyLoRAConfig",
+    "StepCallback",
+    "step",
     "AdapterConfig",
     "LoRAConfig",
     "ShiraConfig",

@@ -11,6 +11,7 @@ before the model is touched.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,9 +32,10 @@ from .errors import (
 )
 from .fingerprint import base_fingerprint, weights_hash
 from .peft_format import CONFIG_FILE, WEIGHTS_FILE as PEFT_WEIGHTS_FILE, join_keys, split_keys
-from .registry import get_method, registered_methods
+from .registry import get_method, method_for, registered_methods
 from .safefiles import check_finite, read_json, read_metadata, read_tensors, write_json, write_tensors
-from .state import get_state
+from .layers import AdapterLayer
+from .state import AdapterRecord, get_state
 from .targeting import is_module_to_save, logical_modules
 
 FORMAT = "adapterkit"
@@ -49,11 +51,33 @@ def save(model: nn.Module, directory: str | Path, name: str = "default", format:
     ``format="peft"`` writes ``adapter_model.safetensors`` + a standard PEFT
     ``adapter_config.json`` that ``peft.PeftModel.from_pretrained`` loads.
     """
-    if format not in FORMATS:
-        raise ConfigError(f"format must be one of {FORMATS}, got {format!r}")
+    state = get_state(model)
+    return write_adapter(model, directory, name, state.record(name), dict(state.layers(name)), format)
+
+
+def export(model: nn.Module, name: str, directory: str | Path, format: str = "peft", **options: Any) -> Path:
+    """Write adapter ``name`` in its most portable form (default: PEFT format).
+
+    Methods with a plainer equivalent write that: a DyLoRA adapter at ``rank=b`` (default: its
+    current inference rank) becomes a plain rank-``b`` LoRA with the same outputs. Other
+    adapters are written as :func:`save` writes them; they take no options.
+    """
     state = get_state(model)
     record = state.record(name)
-    by_module = {path: layer.tensors() for path, layer in state.layers(name)}
+    bases = {path: state.wrappers[path].base_layer for path in record.targets}
+    config, layers = record.method.portable(record.config, dict(state.layers(name)), bases, **options)
+    plain = dataclasses.replace(record, config=config, method=method_for(config))
+    return write_adapter(model, directory, name, plain, layers, format)
+
+
+def write_adapter(model: nn.Module, directory: str | Path, name: str, record: AdapterRecord,
+                  layers: Mapping[str, AdapterLayer], format: str = "adapterkit") -> Path:
+    """Write an adapter given as its record and layers (by module path); ``model`` supplies the
+    base fingerprint. :func:`save` for attached adapters; also for adapters derived on the fly
+    (e.g. a DyLoRA adapter exported as a plain LoRA) without attaching them."""
+    if format not in FORMATS:
+        raise ConfigError(f"format must be one of {FORMATS}, got {format!r}")
+    by_module = {path: layer.tensors() for path, layer in layers.items()}
     for path, tensors in by_module.items():
         check_finite(tensors, f"refusing to save adapter {name!r} at {path}")
     fingerprint = base_fingerprint(model, record.targets, record.copies)
@@ -63,7 +87,6 @@ def save(model: nn.Module, directory: str | Path, name: str = "default", format:
         codec = record.method.peft
         if codec is None:
             raise UnsupportedError(f"method {record.method.name!r} has no PEFT file format; save with format='adapterkit'")
-        layers = dict(state.layers(name))
         tensors = join_keys(
             codec,
             {p: codec.layer_tensors(layers[p]) for p in record.targets},

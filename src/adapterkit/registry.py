@@ -6,7 +6,7 @@ so adding a method never edits core files.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 from torch import nn
 
@@ -52,6 +52,21 @@ class AdapterMethod:
         ``context`` (the result of :meth:`setup`) is passed only when it is not ``None``.
         """
         raise NotImplementedError
+
+    def on_step(self, config: "AdapterConfig", layers: "list[AdapterLayer]") -> None:
+        """Called by :func:`adapterkit.step` once per optimizer step for every active adapter of
+        this method: the place for per-step randomness (e.g. DyLoRA's sampled rank), shared by all
+        micro-batches of the step. ``layers`` are the adapter's layers in module order."""
+
+    def portable(self, config: "AdapterConfig", layers: "Mapping[str, AdapterLayer]", bases: "Mapping[str, nn.Module]",
+                 **options: Any) -> "tuple[AdapterConfig, dict[str, AdapterLayer]]":
+        """The adapter as :func:`adapterkit.export` writes it: a config and layers (by module path)
+        that other tools load. ``bases`` are the unadapted modules. By default the adapter itself;
+        a method whose adapters have a plainer equivalent (a DyLoRA adapter at one rank is a LoRA)
+        builds it here, without changing the model."""
+        if options:
+            raise ConfigError(f"method {self.name!r} takes no export options, got {sorted(options)}")
+        return config, dict(layers)
 
     def empty_layer(self, config: "AdapterConfig", adapter_name: str, module_name: str, module: nn.Module) -> "AdapterLayer":
         """A layer about to receive saved tensors (no initialisation work needed)."""

@@ -1,8 +1,10 @@
-"""``transformers.Trainer`` integration: adapter-only checkpoints.
+"""``transformers.Trainer`` integration: per-step adapter hooks and adapter-only checkpoints.
 
-Any ``Trainer`` already trains adapters (only they require gradients). :class:`AdapterTrainer`
-additionally makes every checkpoint and ``save_model`` call write the adapters with
-:func:`adapterkit.save` — a few hundred kB instead of the whole model.
+Any ``Trainer`` already trains adapters (only they require gradients); add
+:class:`StepCallback` so adapters with per-step randomness (DyLoRA's rank) draw it once per
+optimizer step. :class:`AdapterTrainer` includes that callback and makes every checkpoint and
+``save_model`` call write the adapters with :func:`adapterkit.save` — a few hundred kB instead
+of the whole model.
 """
 
 from __future__ import annotations
@@ -10,10 +12,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from .api import adapters
 from .artefact import save
+from .training import step
+
+
+class StepCallback(TrainerCallback):
+    """Calls :func:`adapterkit.step` at the start of every optimizer step (once per
+    gradient-accumulated step, not per micro-batch)."""
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if model is not None:  # also finds the adapted model inside DistributedDataParallel & co.
+            step(model)
 
 
 class AdapterTrainer(Trainer):
@@ -30,6 +42,7 @@ class AdapterTrainer(Trainer):
 
     def __init__(self, *args: Any, adapter_names: Sequence[str] | None = None, save_format: str = "adapterkit", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.add_callback(StepCallback())
         self.adapter_names = list(adapter_names) if adapter_names is not None else None
         self.save_format = save_format
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .data import LabelledTexts
+from .state import peek_state
 
 Batch = Mapping[str, Tensor]
 
@@ -68,6 +69,8 @@ class TextBatches:
 
 
 def _loss_of(output: Any) -> Tensor:
+    if isinstance(output, Tensor) and output.dim() == 0:
+        return output
     if isinstance(output, Mapping):
         return output["loss"]
     return output.loss if hasattr(output, "loss") else output[0]
@@ -77,6 +80,21 @@ def _logits_of(output: Any) -> Tensor:
     if isinstance(output, Mapping):
         return output["logits"]
     return output.logits if hasattr(output, "logits") else output[1]
+
+
+def step(model: nn.Module) -> None:
+    """Start an optimizer step: adapters with per-step randomness draw it now (DyLoRA samples a
+    rank, ...). Call it once per optimizer step, before the step's first forward; every
+    micro-batch of a gradient-accumulated step then shares the draw. :func:`train` and
+    :class:`~adapterkit.trainer.AdapterTrainer` (or :class:`~adapterkit.trainer.StepCallback`
+    in any ``Trainer``) call it for you."""
+    own = peek_state(model)
+    # a model wrapped in another module (a loss wrapper, DDP): step the adapted models inside
+    states = [own] if own is not None else [s for s in map(peek_state, model.modules()) if s is not None]
+    for state in states:
+        for name, _ in state.active:
+            record = state.adapters[name]
+            record.method.on_step(record.config, [layer for _, layer in state.layers(name)])
 
 
 def train(
@@ -115,6 +133,7 @@ def train(
     try:
         for _ in range(epochs):
             for batch in batches:
+                step(model)
                 loss = _loss_of(model(**batch))
                 loss.backward()
                 if max_grad_norm is not None:

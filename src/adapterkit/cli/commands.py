@@ -9,7 +9,8 @@ from typing import Any
 
 from .. import api, artefact, data
 from ..errors import ConfigError, DataNotFoundError, MissingFileError
-from ..methods import LoRAConfig
+from ..methods import DyLoRAConfig, LoRAConfig
+from ..methods.dylora import rank_sweep as sweep_ranks
 from ..models import SentenceClassifier, load_sentence_classifier
 from ..safefiles import read_json, read_tensors, write_tensors
 from ..training import TextBatches, accuracy, train as train_loop
@@ -45,8 +46,9 @@ def train(args: argparse.Namespace) -> int:
     if args.train_size:
         train_set = train_set.head(args.train_size)
     test_set = dataset(args.data, "test", args.test_size)
-    config = LoRAConfig(r=args.r, alpha=args.alpha, dropout=args.dropout, target_modules=parse_targets(args.targets),
-                        modules_to_save=["classifier"])
+    common = dict(alpha=args.alpha, dropout=args.dropout, target_modules=parse_targets(args.targets),
+                  modules_to_save=["classifier"])
+    config = DyLoRAConfig(r_max=args.r, seed=args.seed, **common) if args.method == "dylora" else LoRAConfig(r=args.r, **common)
     model, tokenizer = _model(args.model)
     api.attach(model, config, args.name)
     trainable, total = api.trainable_parameters(model)
@@ -72,6 +74,21 @@ def evaluate(args: argparse.Namespace) -> int:
         raise ConfigError("give an adapter directory, or --model with a directory written by 'adapterkit fuse'")
     acc = accuracy(model, TextBatches(tokenizer, test_set, 128, args.max_length, by_length=True))
     print(f"{what}: held-out accuracy {acc:.3f} on {len(test_set)} examples of {args.data}")
+    return 0
+
+
+def rank_sweep(args: argparse.Namespace) -> int:
+    test_set = dataset(args.data, "test", args.test_size)
+    model, tokenizer = _model(args.model)
+    name = artefact.load(model, args.adapter, ignore_fingerprint=args.ignore_fingerprint)
+    ranks = None if args.ranks is None else [int(r) for r in args.ranks.split(",") if r.strip()]
+    batches = TextBatches(tokenizer, test_set, 128, args.max_length, by_length=True)
+    result = sweep_ranks(model, name, lambda m: accuracy(m, batches), ranks, args.tolerance, metric="accuracy")
+    result.write(args.out)
+    print(result.table())
+    print(f"best rank {result.best_rank}; smallest rank within {args.tolerance:g} of the best: {result.chosen_rank} "
+          f"(export it with: adapterkit export {args.adapter} --rank {result.chosen_rank} --out DIR); "
+          f"table and plot in {args.out}")
     return 0
 
 
@@ -119,7 +136,8 @@ def fuse(args: argparse.Namespace) -> int:
 def export(args: argparse.Namespace) -> int:
     model, _ = _model(args.model)
     name = artefact.load(model, args.adapter, ignore_fingerprint=args.ignore_fingerprint)
-    artefact.save(model, args.out, name, format=args.format)
+    options = {} if args.rank is None else {"rank": args.rank}
+    artefact.export(model, name, args.out, format=args.format, **options)
     print(f"wrote {args.format} adapter {name!r} to {args.out}")
     return 0
 

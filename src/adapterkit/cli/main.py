@@ -1,4 +1,4 @@
-"""``adapterkit`` command line: demo, train, eval, info, fuse, export, fetch-data.
+"""``adapterkit`` command line: demo, train, eval, rank-sweep, info, fuse, export, fetch-data.
 
 Errors are printed as one line (no traceback) with exit status 2.
 """
@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--out", required=True, help="adapter directory to write")
     p.add_argument("--name", default="default")
-    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--method", choices=("lora", "dylora"), default="lora",
+                   help="dylora: one run serves every rank 1..r (pick one later with rank-sweep / export --rank)")
+    p.add_argument("--r", type=int, default=8, help="LoRA rank (DyLoRA: the largest rank)")
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--targets", default="query,value", help="comma-separated module names, a regex, or all-linear")
@@ -70,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-fingerprint", action="store_true")
     p.set_defaults(run=commands.evaluate)
 
+    p = sub.add_parser("rank-sweep", help="held-out accuracy of a DyLoRA adapter at every rank: table, plot, chosen rank")
+    _add_model_args(p)
+    p.add_argument("adapter", help="DyLoRA adapter directory")
+    p.add_argument("--out", required=True, help="where rank_sweep.{json,md,png} are written")
+    p.add_argument("--ranks", default=None, help="comma-separated ranks (default: every rank the adapter serves)")
+    p.add_argument("--tolerance", type=float, default=0.01, help="accuracy a smaller rank may lose against the best")
+    p.add_argument("--ignore-fingerprint", action="store_true")
+    p.set_defaults(run=commands.rank_sweep)
+
     p = sub.add_parser("info", help="method, size, parameter count and base fingerprint of an adapter directory")
     p.add_argument("adapter")
     p.set_defaults(run=commands.info)
@@ -85,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter")
     p.add_argument("--model", default=None)
     p.add_argument("--format", choices=("adapterkit", "peft"), default="peft")
+    p.add_argument("--rank", type=int, default=None, help="DyLoRA: write a plain LoRA of this rank")
     p.add_argument("--out", required=True)
     p.add_argument("--ignore-fingerprint", action="store_true")
     p.set_defaults(run=commands.export)

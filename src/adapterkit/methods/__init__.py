@@ -2,5 +2,6 @@
 
 from .lora import LoRAConfig, LoRALayer
 from .shira import ShiraConfig, ShiraLayer
+from .dylora import DyLoRAConfig, DyLoRALayer
 
-__all__ = ["LoRAConfig", "LoRALayer", "ShiraConfig", "ShiraLayer"]
+__all__ = ["DyLoRAConfig", "DyLoRALayer", "LoRAConfig", "LoRALayer", "ShiraConfig", "ShiraLayer"]

@@ -86,6 +86,11 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
+def is_lora_target(module: nn.Module) -> bool:
+    """Modules a LoRA-shaped delta can adapt: ``nn.Linear`` and GPT-2's ``Conv1D``."""
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
 class LoRALayer(DeltaLayer):
     """LoRA factors of one linear layer: ``lora_A`` (r × in) and ``lora_B`` (out × r), kept in fp32."""
 
@@ -204,7 +209,7 @@ class LoRAMethod(AdapterMethod):
     peft = LoRACodec()
 
     def supports(self, module: nn.Module) -> bool:
-        return isinstance(module, nn.Linear) or _is_conv1d(module)
+        return is_lora_target(module)
 
     def create_layer(self, config: AdapterConfig, adapter_name: str, module_name: str, module: nn.Module,
                      context: Any = None) -> LoRALayer:

@@ -9,7 +9,6 @@ the lower index, so they give the same mask on every machine.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from typing import Any, Iterable
 
@@ -19,12 +18,6 @@ from torch import Tensor, nn
 
 from ...errors import ConfigError, FusedStateError
 from ...state import get_state
-
-
-def layer_seed(seed: int, adapter_name: str, module_name: str) -> int:
-    """A seed of its own for every (base seed, adapter, module)."""
-    digest = hashlib.sha256(f"{seed}\0{adapter_name}\0{module_name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def top_k(scores: Tensor, k: int) -> Tensor:

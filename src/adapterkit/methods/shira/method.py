@@ -11,6 +11,7 @@ from ...config import AdapterConfig
 from ...errors import ConfigError, UnsupportedError
 from ...peft_format import PeftCodec
 from ...registry import AdapterMethod, register_method
+from ...seeding import layer_seed
 from ...state import get_state
 from . import masks
 from .config import ShiraConfig
@@ -100,7 +101,7 @@ class ShiraMethod(AdapterMethod):
         weight = module.weight
         rows, cols = weight.shape
         k = config.budget(rows, cols, module_name)
-        seed = masks.layer_seed(config.seed, adapter_name, module_name)
+        seed = layer_seed(config.seed, adapter_name, module_name)
         exclude = context["avoid"].get(module_name)
         if exclude is not None and exclude.numel() + k > rows * cols:
             raise ConfigError(f"{module_name}: {k} new entries do not fit beside the {exclude.numel()} avoided ones")
