@@ -19,12 +19,14 @@ from .api import (
     detach,
     fuse,
     fused_adapters,
+    merge,
     merge_and_unload,
     switch,
     trainable_parameters,
     unfuse,
 )
 from .artefact import export, load, save
+from .composition import Stack
 from .config import AdapterConfig
 from .errors import (
     AdapterError,
@@ -47,8 +49,8 @@ from .errors import (
     UnsupportedError,
 )
 from .layers import AdaptedModule, AdapterLayer, DeltaLayer, ModuleLayer
-from .methods import DyLoRAConfig, LoRAConfig, ShiraConfig
-from .methods import dylora
+from .methods import BottleneckConfig, DyLoRAConfig, LoRAConfig, MoSAConfig, ShiraConfig
+from .methods import dylora, mosa
 from .methods.dylora import RankSweep, rank_sweep, set_rank
 
 
@@ -59,7 +61,7 @@ def __getattr__(name: str):  # transformers is optional: import the Trainer inte
         return getattr(trainer, name)
     raise AttributeError(f"module 'adapterkit' has no attribute {name!r}")
 from .registry import AdapterMethod, get_method, register_method, registered_methods
-from .training import TextBatches, accuracy, predict, step, train
+from .training import FrozenNormStatistics, TextBatches, accuracy, predict, step, train
 
 __all__ = [
     "__version__",
@@ -74,6 +76,7 @@ __all__ = [
     "detach",
     "fuse",
     "fused_adapters",
+    "merge",
     "merge_and_unload",
     "switch",
     "trainable_parameters",
@@ -86,8 +89,13 @@ __all__ = [
     "rank_sweep",
     "RankSweep",
     "DyLoRAConfig",
+    "BottleneckConfig",
+    "MoSAConfig",
+    "mosa",
+    "Stack",
     "StepCallback",
     "step",
+    "FrozenNormStatistics",
     "AdapterConfig",
     "LoRAConfig",
     "ShiraConfig",

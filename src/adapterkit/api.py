@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .composition import Stack
 from .config import AdapterConfig
 from .errors import (
     AdapterError,
@@ -24,6 +25,7 @@ from .errors import (
     FusionError,
     NotFusableError,
     TargetError,
+    UnsupportedError,
 )
 from .fusion import free_scratch
 from .layers import AdaptedModule, AdapterLayer, DeltaLayer, ModuleCopy
@@ -188,14 +190,17 @@ def _delta_part(state: ModelState, active: Weighted) -> Weighted:
     return tuple((n, w) for n, w in active if state.adapters[n].fusable)
 
 
-def activate(model: nn.Module, names: Names, weights: Sequence[float] | None = None) -> None:
+def activate(model: nn.Module, names: Names | Stack, weights: Sequence[float] | None = None) -> None:
     """Choose the adapters that run: one name, several (outputs add, scaled by ``weights``), or None.
+
+    Inserted modules of several adapters at one module run in the given order (each reads the
+    previous one's output); :class:`~adapterkit.Stack` says so explicitly.
 
     While adapters are fused, the weight-delta part of the new set must equal the fused set
     (use :func:`switch` or :func:`unfuse` to change it).
     """
     state = get_state(model)
-    active = _weighted(state, names, weights)
+    active = _weighted(state, names.names if isinstance(names, Stack) else names, weights)
     _check_replacements(state, active)
     if state.fused and _delta_part(state, active) != state.fused:
         raise FusedStateError(
@@ -301,6 +306,28 @@ def detach(model: nn.Module, name: str) -> None:
     state.refresh_plans()
     if not state.adapters:
         drop_state(model)
+
+
+def merge(model: nn.Module, name: str, **options: Any) -> None:
+    """Replace adapter ``name`` in place by its plain equivalent (the form :func:`adapterkit.export`
+    writes): a MoSA adapter becomes the average of its sparse modules, a plain adapter of the
+    base method with the same shapes; a DyLoRA adapter becomes a LoRA at ``rank=``. The new
+    layers are built before the model is touched."""
+    state = get_state(model)
+    record = state.record(name)
+    if any(n == name for n, _ in state.fused):
+        raise FusedStateError(f"adapter {name!r} is fused; unfuse it before merging")
+    bases = {path: state.wrappers[path].base_layer for path in record.targets}
+    config, layers = record.method.portable(record.config, dict(state.layers(name)), bases, **options)
+    if config is record.config:
+        raise UnsupportedError(f"adapter {name!r} ({record.method.name}) is already plain; there is nothing to merge")
+    for path, layer in layers.items():
+        wrapper = state.wrappers[path]
+        index = next(i for i, old in enumerate(wrapper.adapters) if old.adapter_name == name)
+        wrapper.adapters[index] = layer
+    state.adapters[name] = dataclasses.replace(
+        record, config=config, method=method_for(config), fusable=all(is_fusable(l) for l in layers.values()))
+    state.refresh_plans()
 
 
 def adapter_parameters(model: nn.Module, name: str) -> Iterator[nn.Parameter]:

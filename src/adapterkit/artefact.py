@@ -19,10 +19,12 @@ from typing import Any, Mapping
 from torch import Tensor, nn
 
 from ._version import __version__
-from .api import PreparedAdapter, commit, prepare
+from .api import PreparedAdapter, activate, active_adapters, adapters, commit, detach, prepare
 from .api import fuse as fuse_adapters
+from .composition import COMPOSITION_FILE, Stack
 from .errors import (
     AdapterError,
+    DuplicateAdapterError,
     BaseModelMismatchError,
     ConfigError,
     CorruptFileError,
@@ -45,13 +47,22 @@ FORMATS = ("adapterkit", "peft")
 VERIFY_MODES = ("sampled", "full", "none")
 
 
-def save(model: nn.Module, directory: str | Path, name: str = "default", format: str = "adapterkit") -> Path:
+def save(model: nn.Module, directory: str | Path, name: str | Stack = "default", format: str = "adapterkit") -> Path:
     """Write adapter ``name`` to ``directory`` (created if needed) and return the directory.
 
     ``format="peft"`` writes ``adapter_model.safetensors`` + a standard PEFT
-    ``adapter_config.json`` that ``peft.PeftModel.from_pretrained`` loads.
+    ``adapter_config.json`` that ``peft.PeftModel.from_pretrained`` loads. A :class:`Stack`
+    writes each of its adapters to a sub-directory named after it, plus ``composition.json``;
+    :func:`load` then restores and activates the stack.
     """
     state = get_state(model)
+    if isinstance(name, Stack):
+        for member in name.names:
+            state.record(member)  # all must exist before anything is written
+        for member in name.names:
+            save(model, Path(directory) / member, member, format)
+        write_json(Path(directory) / COMPOSITION_FILE, name.to_dict())
+        return Path(directory)
     return write_adapter(model, directory, name, state.record(name), dict(state.layers(name)), format)
 
 
@@ -131,6 +142,10 @@ def load(model: nn.Module, directory: str | Path, name: str | None = None, *,
     """
     if verify not in VERIFY_MODES:
         raise ConfigError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+    if Path(directory, COMPOSITION_FILE).is_file():  # written by save(model, directory, Stack(...))
+        if name is not None:
+            raise ConfigError(f"{directory} holds a Stack of adapters under their own names; load it without a name")
+        return _load_stack(model, Path(directory), ignore_fingerprint=ignore_fingerprint, verify=verify, fuse=fuse)
     # full=True: hash every value; False: the fixed sample; None: no hash check (shapes still checked)
     full = None if ignore_fingerprint or verify == "none" else verify == "full"
     directory = Path(directory)
@@ -147,6 +162,32 @@ def load(model: nn.Module, directory: str | Path, name: str | None = None, *,
     if fuse:
         fuse_adapters(model, [prepared.record.name], exact=get_state(model).fused_exact)
     return prepared.record.name
+
+
+def _load_stack(model: nn.Module, directory: Path, **options: Any) -> str:
+    """Load every adapter of a saved :class:`Stack`, activate it and return its first name; on any
+    failure the adapters loaded so far are detached again."""
+    stack = Stack.from_dict(read_json(directory / COMPOSITION_FILE))
+    if options.pop("fuse"):
+        raise ConfigError("a Stack of inserted modules cannot be loaded fused; load it, then fuse the weight deltas")
+    taken = set(adapters(model)) & set(stack.names)
+    if taken:
+        raise DuplicateAdapterError(f"adapters {sorted(taken)} are already attached; detach them first")
+    before = active_adapters(model)
+    trainable = {id(p): p.requires_grad for p in model.parameters()}
+    loaded: list[str] = []
+    try:
+        for member in stack.names:
+            loaded.append(load(model, directory / member, member, **options))
+        activate(model, stack)
+    except BaseException:
+        for member in reversed(loaded):
+            detach(model, member)
+        activate(model, [n for n, _ in before], [w for _, w in before])
+        for param in model.parameters():
+            param.requires_grad_(trainable.get(id(param), param.requires_grad))
+        raise
+    return stack.names[0]
 
 
 def _config_from(where: Path, build: Any, *args: Any) -> Any:

@@ -16,12 +16,25 @@ from transformers import Trainer, TrainerCallback
 
 from .api import adapters
 from .artefact import save
-from .training import step
+from .training import FrozenNormStatistics, step
 
 
 class StepCallback(TrainerCallback):
     """Calls :func:`adapterkit.step` at the start of every optimizer step (once per
-    gradient-accumulated step, not per micro-batch)."""
+    gradient-accumulated step, not per micro-batch), and keeps frozen batch-norm statistics
+    fixed during training (:class:`~adapterkit.training.FrozenNormStatistics`)."""
+
+    def __init__(self) -> None:
+        self._frozen_norms: FrozenNormStatistics | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if model is not None:
+            self._frozen_norms = FrozenNormStatistics(model)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._frozen_norms is not None:
+            self._frozen_norms.remove()
+            self._frozen_norms = None
 
     def on_step_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if model is not None:  # also finds the adapted model inside DistributedDataParallel & co.

@@ -68,7 +68,8 @@ class TextBatches:
             yield dict(batch)
 
 
-def _loss_of(output: Any) -> Tensor:
+def loss_of(output: Any) -> Tensor:
+    """The loss in a model's output: a scalar tensor, a ``"loss"`` key or attribute, or the first element."""
     if isinstance(output, Tensor) and output.dim() == 0:
         return output
     if isinstance(output, Mapping):
@@ -76,7 +77,8 @@ def _loss_of(output: Any) -> Tensor:
     return output.loss if hasattr(output, "loss") else output[0]
 
 
-def _logits_of(output: Any) -> Tensor:
+def logits_of(output: Any) -> Tensor:
+    """The logits in a model's output: a ``"logits"`` key or attribute, or the second element."""
     if isinstance(output, Mapping):
         return output["logits"]
     return output.logits if hasattr(output, "logits") else output[1]
@@ -97,6 +99,35 @@ def step(model: nn.Module) -> None:
             record.method.on_step(record.config, [layer for _, layer in state.layers(name)])
 
 
+class FrozenNormStatistics:
+    """Keeps every batch-norm layer whose parameters are all frozen (the base model's) in eval mode
+    during training, so its running statistics — part of the base model — never change and the
+    adapters learn against the statistics the model was pretrained with. Undo with :meth:`remove`
+    (or use it as a context manager). :func:`train` and :class:`~adapterkit.AdapterTrainer` do
+    this for you; call it yourself in a plain loop over a CNN."""
+
+    def __init__(self, model: nn.Module) -> None:
+        frozen = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                  and not any(p.requires_grad for p in m.parameters(recurse=False))]
+        # a forward pre-hook, because model.train() (the Trainer calls it every step) resets modes
+        self._handles = [m.register_forward_pre_hook(_evaluate_mode) for m in frozen]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> "FrozenNormStatistics":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+
+def _evaluate_mode(module: nn.Module, args: Any) -> None:
+    module.training = False
+
+
 def train(
     model: nn.Module,
     batches: Iterable[Batch],
@@ -107,11 +138,13 @@ def train(
     max_grad_norm: float | None = 1.0,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    loss_fn: Callable[[nn.Module, Batch], Tensor] | None = None,
 ) -> list[float]:
     """Train the model's trainable parameters (the adapters) with AdamW; return the step losses.
 
     ``batches`` yields keyword-argument dicts for ``model(**batch)``, which must return a loss
-    (a ``"loss"`` key, a ``.loss`` attribute or the first element).
+    (a ``"loss"`` key, a ``.loss`` attribute or the first element), unless ``loss_fn(model, batch)``
+    computes the loss itself (e.g. :func:`adapterkit.mosa.two_pass_loss`).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -128,13 +161,14 @@ def train(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     was_training = model.training
     model.train()
+    frozen_norms = FrozenNormStatistics(model)
     losses: list[float] = []
     bar = tqdm(total=total, desc="train", disable=not progress, leave=False, mininterval=1.0)
     try:
         for _ in range(epochs):
             for batch in batches:
                 step(model)
-                loss = _loss_of(model(**batch))
+                loss = loss_fn(model, batch) if loss_fn is not None else loss_of(model(**batch))
                 loss.backward()
                 if max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -148,6 +182,7 @@ def train(
                 bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     finally:
         bar.close()
+        frozen_norms.remove()
         model.train(was_training)
     return losses
 
@@ -158,7 +193,7 @@ def predict(model: nn.Module, batches: Iterable[Batch]) -> Tensor:
     was_training = model.training
     model.eval()
     try:
-        return torch.cat([_logits_of(model(**{k: v for k, v in b.items() if k != "labels"})) for b in batches])
+        return torch.cat([logits_of(model(**{k: v for k, v in b.items() if k != "labels"})) for b in batches])
     finally:
         model.train(was_training)
 

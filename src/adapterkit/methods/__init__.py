@@ -3,5 +3,7 @@
 from .lora import LoRAConfig, LoRALayer
 from .shira import ShiraConfig, ShiraLayer
 from .dylora import DyLoRAConfig, DyLoRALayer
+from .bottleneck import BottleneckConfig, BottleneckLayer
+from .mosa import MoSAConfig
 
-__all__ = ["DyLoRAConfig", "DyLoRALayer", "LoRAConfig", "LoRALayer", "ShiraConfig", "ShiraLayer"]
+__all__ = ["BottleneckConfig", "BottleneckLayer", "MoSAConfig", "DyLoRAConfig", "DyLoRALayer", "LoRAConfig", "LoRALayer", "ShiraConfig", "ShiraLayer"]

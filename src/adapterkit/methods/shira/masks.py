@@ -123,7 +123,7 @@ def calibration_gradients(model: nn.Module, targets: Mapping[str, nn.Module], ba
     Gradients come from ``torch.autograd.grad``, so no ``.grad`` is written; attached adapters
     are switched off meanwhile; activation, requires_grad flags and train/eval mode are restored.
     """
-    from ...training import _loss_of
+    from ...training import loss_of
 
     state = get_state(model)
     if state.fused:
@@ -143,7 +143,7 @@ def calibration_gradients(model: nn.Module, targets: Mapping[str, nn.Module], ba
             if loss_fn is not None:
                 loss = loss_fn(model, batch)
             else:
-                loss = _loss_of(model(**batch) if isinstance(batch, Mapping) else model(batch))
+                loss = loss_of(model(**batch) if isinstance(batch, Mapping) else model(batch))
             grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
             for (path, total), grad in zip(totals.items(), grads):
                 if grad is None:

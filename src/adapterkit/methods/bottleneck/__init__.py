@@ -1,0 +1,7 @@
+"""Bottleneck adapters: sequential (Houlsby, Pfeiffer) and parallel (He et al., AdaptFormer), linear or 1×1-conv."""
+
+from .config import BottleneckConfig
+from .layer import BottleneckLayer, feature_dims
+from .method import BottleneckMethod
+
+__all__ = ["BottleneckConfig", "BottleneckLayer", "BottleneckMethod", "feature_dims"]

@@ -1,0 +1,32 @@
+"""Bottleneck adapters behind the registry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ...config import AdapterConfig
+from ...registry import AdapterMethod, register_method
+from .config import BottleneckConfig
+from .layer import BottleneckLayer, feature_dims, linear_or_conv
+
+
+def module_device(module: nn.Module) -> Any:
+    param = next(module.parameters(), None)
+    return None if param is None else param.device
+
+
+@register_method
+class BottleneckMethod(AdapterMethod):
+    name = "bottleneck"
+    config_class = BottleneckConfig
+
+    def supports(self, module: nn.Module) -> bool:
+        return any(linear_or_conv(m) is not None for m in module.modules())
+
+    def create_layer(self, config: AdapterConfig, adapter_name: str, module_name: str, module: nn.Module,
+                     context: Any = None) -> BottleneckLayer:
+        assert isinstance(config, BottleneckConfig)
+        in_dim, out_dim, conv = feature_dims(module, module_name)
+        return BottleneckLayer(adapter_name, config, in_dim, out_dim, conv, module_name, module_device(module))

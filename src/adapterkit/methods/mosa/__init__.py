@@ -1,0 +1,24 @@
+"""MoSA — split an adapter into sparse modules, train one per step, merge back (arXiv 2312.02923).
+
+    ak.attach(model, ak.MoSAConfig(base=ak.BottleneckConfig(bottleneck=16, style="parallel",
+                                                            target_modules=["mlp"]), n_modules=4), "task")
+    ak.train(model, batches, loss_fn=ak.mosa.two_pass_loss)  # module choice per step and layer
+    ak.merge(model, "task")     # now a plain bottleneck adapter: the average of the modules
+"""
+
+from .config import MoSAConfig
+from .consistency import active_consistency_weight, consistency_loss, two_pass_loss
+from .layers import MoSABottleneckLayer, MoSALoRALayer
+from .method import MoSAMethod, resample
+from .split import SplitWeight, partition
+
+__all__ = ["MoSABottleneckLayer", "MoSAConfig", "MoSALoRALayer", "MoSAMethod", "MoSATrainer", "SplitWeight",
+           "active_consistency_weight", "consistency_loss", "partition", "resample", "two_pass_loss"]
+
+
+def __getattr__(name: str):  # transformers is optional: import the Trainer integration on first use
+    if name == "MoSATrainer":
+        from .trainer import MoSATrainer
+
+        return MoSATrainer
+    raise AttributeError(f"module 'adapterkit.methods.mosa' has no attribute {name!r}")

@@ -1,0 +1,76 @@
+"""MoSA behind the registry: per-step module choice, and the merge into a plain adapter."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from torch import nn
+
+from ...config import AdapterConfig
+from ...layers import AdapterLayer
+from ...registry import AdapterMethod, method_for, register_method
+from ...state import peek_state
+from ..bottleneck import BottleneckConfig, BottleneckLayer, feature_dims
+from ..bottleneck.method import module_device
+from ..lora import LoRALayer
+from .config import MoSAConfig
+from .layers import MoSABottleneckLayer, MoSALoRALayer, _Splits
+
+
+@register_method
+class MoSAMethod(AdapterMethod):
+    name = "mosa"
+    config_class = MoSAConfig
+
+    def supports(self, module: nn.Module) -> bool:
+        return method_for(BottleneckConfig(target_modules=["x"])).supports(module)  # the widest base
+
+    def create_layer(self, config: AdapterConfig, adapter_name: str, module_name: str, module: nn.Module,
+                     context: Any = None) -> AdapterLayer:
+        assert isinstance(config, MoSAConfig)
+        if not method_for(config.base).supports(module):
+            from ...errors import TargetError
+
+            raise TargetError(f"module {module_name!r} ({type(module).__name__}) cannot host a MoSA "
+                              f"{type(config.base).method} adapter")
+        if isinstance(config.base, BottleneckConfig):
+            in_dim, out_dim, conv = feature_dims(module, module_name)
+            return MoSABottleneckLayer(adapter_name, config, in_dim, out_dim, conv, module_name, module_device(module))
+        return MoSALoRALayer(adapter_name, module, config, module_name)
+
+    def on_step(self, config: AdapterConfig, layers: list[AdapterLayer]) -> None:
+        for layer in layers:
+            if isinstance(layer, _Splits):
+                layer.choose_modules()
+
+    def portable(self, config: AdapterConfig, layers: Mapping[str, AdapterLayer], bases: Mapping[str, nn.Module],
+                 **options: Any) -> tuple[AdapterConfig, dict[str, AdapterLayer]]:
+        """The merged adapter: the base method's plain layers with the average of the N modules."""
+        assert isinstance(config, MoSAConfig)
+        super().portable(config, layers, bases, **options)
+        out: dict[str, AdapterLayer] = dict(layers)
+        for path, layer in layers.items():
+            if isinstance(layer, MoSABottleneckLayer):
+                plain: AdapterLayer = BottleneckLayer(layer.adapter_name, config.base, *layer.dims, layer.conv, path,
+                                                      layer.up.initial.device if hasattr(layer.up, "initial")
+                                                      else layer.up.weight.device)
+            elif isinstance(layer, MoSALoRALayer):
+                lora = config.base
+                plain = LoRALayer(layer.adapter_name, bases[path], r=lora.rank_for(path), scaling=lora.scaling_for(path),
+                                  dropout=lora.dropout, init="default")
+            else:
+                continue
+            plain.load_tensors(layer.merged_state(), f"MoSA adapter {layer.adapter_name!r} at {path}")
+            plain.train(layer.training)
+            out[path] = plain
+        return config.base, out
+
+
+def resample(model: nn.Module) -> None:
+    """Draw fresh module choices in every active MoSA adapter (the second stochastic pass)."""
+    for state in filter(None, map(peek_state, model.modules())):
+        for name, _ in state.active:
+            if isinstance(state.adapters[name].config, MoSAConfig):
+                for _, layer in state.layers(name):
+                    if isinstance(layer, _Splits):
+                        layer.choose_modules()
