@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -156,3 +157,41 @@ def test_a_deep_copy_carries_independent_adapters(mlp):
     torch.testing.assert_close(twin(x), mlp(x), rtol=1e-5, atol=1e-6)
     ak.detach(twin, "a")
     assert ak.adapters(mlp) == ["a"] and isinstance(mlp[0], AdaptedModule)
+
+
+class _TinyCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.point = nn.Conv2d(6, 8, 1)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.depthwise(torch.relu(self.point(torch.relu(self.stem(x))))).mean((2, 3)))
+
+
+def test_lora_on_conv2d_matches_peft_unfused_fused_and_restores_exactly(tmp_path):
+    import peft
+
+    torch.manual_seed(0)
+    base = _TinyCNN().eval()
+    x = torch.randn(2, 3, 10, 10)
+    model = copy.deepcopy(base)
+    ak.attach(model, ak.LoRAConfig(r=2, alpha=4, target_modules=["stem", "point"], init="random"))
+    layer = model.stem.layer("default")
+    assert tuple(layer.lora_A.shape) == (2, 3, 3, 3) and tuple(layer.lora_B.shape) == (6, 2, 1, 1)
+    unfused = model(x)
+    original = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    ak.fuse(model)
+    torch.testing.assert_close(model(x), unfused, rtol=1e-5, atol=1e-6)
+    for _ in range(3):
+        ak.unfuse(model)
+        ak.fuse(model)
+    ak.unfuse(model)
+    assert all(torch.equal(p, original[n]) for n, p in model.named_parameters() if "base_layer" in n)
+    ak.save(model, tmp_path, format="peft")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    torch.testing.assert_close(loaded(x), unfused, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ak.TargetError, match="depthwise"):
+        ak.attach(copy.deepcopy(base), ak.LoRAConfig(r=2, target_modules=["depthwise"]))

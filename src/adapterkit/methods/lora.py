@@ -91,17 +91,32 @@ def is_lora_target(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or _is_conv1d(module)
 
 
+def is_conv_target(module: nn.Module) -> bool:
+    """``nn.Conv2d`` without groups and with zero padding. Subclasses (e.g. "same"-padding
+    wrappers that pad in their own forward) only with 1×1 kernels, where padding plays no part."""
+    if not isinstance(module, nn.Conv2d) or module.groups != 1 or module.padding_mode != "zeros":
+        return False
+    return type(module) is nn.Conv2d or tuple(module.kernel_size) == (1, 1)
+
+
 class LoRALayer(DeltaLayer):
-    """LoRA factors of one linear layer: ``lora_A`` (r × in) and ``lora_B`` (out × r), kept in fp32."""
+    """LoRA factors of one layer, kept in fp32: ``lora_A`` (r × in) and ``lora_B`` (out × r) for a
+    linear layer; for a ``Conv2d`` (as PEFT) ``lora_A`` is a conv with the base kernel, stride and
+    padding to r channels (r × in × kh × kw) and ``lora_B`` a 1×1 conv (out × r × 1 × 1)."""
 
     def __init__(self, adapter_name: str, base: nn.Module, r: int, scaling: float, dropout: float, init: str) -> None:
         super().__init__(adapter_name)
         self.transposed = _is_conv1d(base)
         weight = base.weight
-        out_features, in_features = weight.shape[::-1] if self.transposed else weight.shape
         factory = {"device": weight.device, "dtype": torch.float32}
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, r, **factory))
+        self.conv = (base.stride, base.padding, base.dilation) if isinstance(base, nn.Conv2d) else None
+        if self.conv is not None:
+            a_shape, b_shape = (r, *weight.shape[1:]), (weight.shape[0], r, 1, 1)
+        else:
+            out_features, in_features = weight.shape[::-1] if self.transposed else weight.shape
+            a_shape, b_shape = (r, in_features), (out_features, r)
+        self.lora_A = nn.Parameter(torch.empty(a_shape, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(b_shape, **factory))
         self.scaling = scaling
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         with torch.no_grad():
@@ -118,12 +133,18 @@ class LoRALayer(DeltaLayer):
 
     def delta_output(self, x: Tensor, scale: float) -> Tensor:
         h = self.dropout(x.to(self.lora_A.dtype))
+        if self.conv is not None:
+            low = F.conv2d(h, self.lora_A, None, *self.conv)
+            return (F.conv2d(low, self.lora_B) * (self.scaling * scale)).to(x.dtype)
         return (F.linear(F.linear(h, self.lora_A), self.lora_B) * (self.scaling * scale)).to(x.dtype)
 
     def _factors(self) -> tuple[Tensor, Tensor]:
-        # ΔW = B @ A for an (out × in) weight; a Conv1D weight is (in × out), so ΔWᵀ = Aᵀ @ Bᵀ.
+        # ΔW = B @ A for an (out × in) weight; a Conv1D weight is (in × out), so ΔWᵀ = Aᵀ @ Bᵀ;
+        # a conv weight (out × in × kh × kw) is updated through its (out × in·kh·kw) view.
         if self.transposed:
             return self.lora_A.t(), self.lora_B.t()
+        if self.conv is not None:
+            return self.lora_B.flatten(1), self.lora_A.flatten(1)
         return self.lora_B, self.lora_A
 
     def add_to_weight(self, weight: Tensor, scale: float) -> None:
@@ -132,8 +153,11 @@ class LoRALayer(DeltaLayer):
     def write_from(self, weight: Tensor, source: Tensor, scale: float) -> None:
         left, right = self._factors()
         left, right, alpha = left.detach(), right.detach(), self.scaling * scale
+        in_place = source is weight
+        if weight.dim() > 2:  # conv: the same GEMM on the flattened views
+            weight, source = weight.view(weight.shape[0], -1), source.reshape(source.shape[0], -1)
         if weight.dtype == torch.float32 and weight.device == left.device:
-            if source is weight:
+            if in_place:
                 weight.addmm_(left, right, alpha=alpha)
             elif source.device == weight.device and source.dtype == weight.dtype:
                 torch.addmm(source, left, right, alpha=alpha, out=weight)  # one pass: original + ΔW
@@ -209,7 +233,7 @@ class LoRAMethod(AdapterMethod):
     peft = LoRACodec()
 
     def supports(self, module: nn.Module) -> bool:
-        return is_lora_target(module)
+        return is_lora_target(module) or is_conv_target(module)
 
     def create_layer(self, config: AdapterConfig, adapter_name: str, module_name: str, module: nn.Module,
                      context: Any = None) -> LoRALayer:
