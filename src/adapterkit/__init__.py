@@ -7,7 +7,7 @@
     ak.fuse(model); ak.unfuse(model)   # bit-exact
 """
 
-from . import errors, metrics
+from . import errors, metrics, quantization
 from ._version import __version__
 from .api import (
     activate,
@@ -21,6 +21,7 @@ from .api import (
     fused_adapters,
     merge,
     merge_and_unload,
+    quantize,
     switch,
     trainable_parameters,
     unfuse,
@@ -77,6 +78,7 @@ __all__ = [
     "fuse",
     "fused_adapters",
     "merge",
+    "quantize",
     "merge_and_unload",
     "switch",
     "trainable_parameters",

@@ -90,6 +90,9 @@ def prepare(
         extra = () if context is None else (context,)  # methods without setup need not take a context
         for path in targets:
             layers[path] = method.create_layer(config, name, path, modules[path], *extra)
+    if config.bits != 32:
+        for layer in layers.values():  # loaded layers get their values (and codes) from the file
+            layer.set_quantization(config.bits, config.quantization, init_zeros=not explicit)
     for path in copies or ():
         layers[path] = ModuleCopy(name, modules[path])
     fusable = all(is_fusable(layer) for layer in layers.values())
@@ -328,6 +331,22 @@ def merge(model: nn.Module, name: str, **options: Any) -> None:
     state.adapters[name] = dataclasses.replace(
         record, config=config, method=method_for(config), fusable=all(is_fusable(l) for l in layers.values()))
     state.refresh_plans()
+
+
+def quantize(model: nn.Module, name: str, bits: int, method: str = "gaussian_median") -> None:
+    """Make adapter ``name`` low-bit (1, 2, 4 or 8 bits; 32 turns it back to full precision):
+    from now on its forward uses fake-quantised weights (straight-through gradient to the fp32
+    latent weights) and :func:`adapterkit.save` stores packed codes. All-zero matrices get a
+    small truncated-normal init first (the paper's rule), so quantising a fresh adapter changes
+    its output slightly."""
+    state = get_state(model)
+    record = state.record(name)
+    config = record.config.replace(bits=bits, quantization=method)  # validates
+    if any(n == name for n, _ in state.fused):
+        raise FusedStateError(f"adapter {name!r} is fused; unfuse it before changing its precision")
+    for _, layer in state.layers(name):
+        layer.set_quantization(bits, method)
+    state.adapters[name] = dataclasses.replace(record, config=config)
 
 
 def adapter_parameters(model: nn.Module, name: str) -> Iterator[nn.Parameter]:

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 from torch import Tensor, nn
 
+from . import quantization
 from ._version import __version__
 from .api import PreparedAdapter, activate, active_adapters, adapters, commit, detach, prepare
 from .api import fuse as fuse_adapters
@@ -66,6 +67,11 @@ def save(model: nn.Module, directory: str | Path, name: str | Stack = "default",
     return write_adapter(model, directory, name, state.record(name), dict(state.layers(name)), format)
 
 
+def _dequantized(layer: AdapterLayer, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """PEFT has no low-bit format: low-bit tensors are written dequantised (what the forward uses)."""
+    return {k: layer.weight_of(k).detach() if k in layer.quantizers else t for k, t in tensors.items()}
+
+
 def export(model: nn.Module, name: str, directory: str | Path, format: str = "peft", **options: Any) -> Path:
     """Write adapter ``name`` in its most portable form (default: PEFT format).
 
@@ -100,7 +106,7 @@ def write_adapter(model: nn.Module, directory: str | Path, name: str, record: Ad
             raise UnsupportedError(f"method {record.method.name!r} has no PEFT file format; save with format='adapterkit'")
         tensors = join_keys(
             codec,
-            {p: codec.layer_tensors(layers[p]) for p in record.targets},
+            {p: _dequantized(layers[p], codec.layer_tensors(layers[p])) for p in record.targets},
             {p: by_module[p] for p in record.copies},
         )
         config = {
@@ -115,7 +121,8 @@ def write_adapter(model: nn.Module, directory: str | Path, name: str, record: Ad
         write_tensors(directory / PEFT_WEIGHTS_FILE, tensors, metadata)
         write_json(directory / CONFIG_FILE, config)
         return directory
-    tensors = {f"{path}.{key}": t for path, local in by_module.items() for key, t in local.items()}
+    packed = {path: quantization.encode(local, layers[path].quantizers) for path, local in by_module.items()}
+    tensors = {f"{path}.{key}": t for path, local in packed.items() for key, t in local.items()}
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -204,7 +211,11 @@ def _fill(prepared: PreparedAdapter, by_module: Mapping[str, Mapping[str, Tensor
     if extra:
         raise CorruptFileError(f"{where}: tensors for modules the adapter does not have: {extra[:5]}")
     for path, layer in prepared.layers.items():
-        layer.load_tensors(by_module.get(path, {}), f"{where} [{path}]")
+        shapes = {k: layer.stored_shape(k, by_module.get(path, {})) for k in layer.quantizers}
+        tensors, codes = quantization.decode(by_module.get(path, {}), layer.quantizers, shapes, f"{where} [{path}]")
+        layer.load_tensors(tensors, f"{where} [{path}]")
+        for key, q in codes.items():  # the forward reuses exactly these codes until training changes the weight
+            layer.quantizers[key].remember(layer.get_parameter(key), q)
 
 
 def _check_base(model: nn.Module, recorded: Mapping[str, Any], where: Path, full: bool | None) -> None:
@@ -248,7 +259,8 @@ def _read_native(model: nn.Module, directory: Path, data: dict[str, Any], name: 
     by_module: dict[str, dict[str, Tensor]] = {}
     used = set()
     for path, layer in prepared.layers.items():
-        by_module[path] = {k: tensors[f"{path}.{k}"] for k in layer.accepted_keys() if f"{path}.{k}" in tensors}
+        keys = quantization.stored_keys(layer.accepted_keys(), layer.quantizers)
+        by_module[path] = {k: tensors[f"{path}.{k}"] for k in keys if f"{path}.{k}" in tensors}
         used.update(f"{path}.{k}" for k in by_module[path])
     unexpected = sorted(set(tensors) - used)
     if unexpected:

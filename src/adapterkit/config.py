@@ -33,6 +33,9 @@ class AdapterConfig:
         layers_to_transform: only adapt modules whose layer index is in this list.
         layers_pattern: the module-list name(s) that carry the layer index (e.g. ``"layers"``).
         modules_to_save: modules trained and saved in full with the adapter (e.g. a classifier head).
+        bits: 1, 2, 4 or 8 for a low-bit adapter (quantisation-aware training, bit-packed files;
+            :mod:`adapterkit.quantization`); 32 (default) for full precision.
+        quantization: ``"gaussian_median"`` (the paper's codebook) or ``"sign_mean"`` (XNOR, 1 bit).
     """
 
     method: ClassVar[str] = ""
@@ -42,6 +45,8 @@ class AdapterConfig:
     layers_to_transform: int | Sequence[int] | None = None
     layers_pattern: str | Sequence[str] | None = None
     modules_to_save: Sequence[str] | None = None
+    bits: int = 32
+    quantization: str = "gaussian_median"
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -56,6 +61,9 @@ class AdapterConfig:
                 raise ConfigError(f"{type(self).__name__}.{name} must be a string or a list of strings")
             if isinstance(value, tuple) and not all(isinstance(v, str) and v for v in value):
                 raise ConfigError(f"{type(self).__name__}.{name} must contain non-empty strings")
+        from .quantization import check
+
+        check(self.bits, self.quantization)
         self.validate()
 
     def validate(self) -> None:

@@ -25,14 +25,46 @@ from torch import Tensor, nn
 
 from .errors import BaseModelMismatchError, CorruptFileError
 from .fusion import WeightFusion
+from .quantization import Quantizer
 
 
 class AdapterLayer(nn.Module):
-    """One adapter's state at one base module."""
+    """One adapter's state at one base module.
+
+    Methods read their weights through :meth:`weight_of`, so any adapter can be low-bit: a
+    quantised tensor is returned fake-quantised (:mod:`adapterkit.quantization`).
+    """
 
     def __init__(self, adapter_name: str) -> None:
         super().__init__()
         self.adapter_name = adapter_name
+        self.quantizers: dict[str, Quantizer] = {}
+
+    def quantizable(self) -> list[str]:
+        """Parameters that become low-bit with ``bits < 32``: every matrix (biases stay fp32)."""
+        return [name for name, p in self.named_parameters() if p.dim() >= 2]
+
+    def weight_of(self, name: str) -> Tensor:
+        """Parameter ``name`` as the forward uses it (dequantised when the adapter is low-bit)."""
+        param = self.get_parameter(name)
+        quantizer = self.quantizers.get(name)
+        return param if quantizer is None else quantizer(param)
+
+    def stored_shape(self, name: str, tensors: Mapping[str, Tensor]) -> torch.Size:
+        """The shape of parameter ``name`` as saved in ``tensors`` (whose value arrives as packed
+        codes); by default the parameter's own. Layers sized by their file override this."""
+        return self.get_parameter(name).shape
+
+    def set_quantization(self, bits: int, method: str, init_zeros: bool = True) -> None:
+        """Quantise :meth:`quantizable` at ``bits`` (32: full precision again). An all-zero matrix
+        (e.g. LoRA's B) gets the paper's small truncated-normal init, or its codes would degenerate."""
+        self.quantizers = {} if bits == 32 else {name: Quantizer(bits, method) for name in self.quantizable()}
+        if init_zeros:
+            with torch.no_grad():
+                for name in self.quantizers:
+                    param = self.get_parameter(name)
+                    if not param.any():
+                        nn.init.trunc_normal_(param, std=1e-3, a=-2e-3, b=2e-3)
 
     def tensors(self) -> dict[str, Tensor]:
         """The tensors that are saved for this layer, by local key."""
@@ -96,7 +128,11 @@ class ModuleLayer(AdapterLayer):
 
 
 class ModuleCopy(AdapterLayer):
-    """A full trainable copy of the base module that replaces it while the adapter is active."""
+    """A full trainable copy of the base module that replaces it while the adapter is active
+    (kept in full precision, also in low-bit adapters)."""
+
+    def quantizable(self) -> list[str]:
+        return []
 
     def __init__(self, adapter_name: str, base: nn.Module) -> None:
         super().__init__(adapter_name)

@@ -112,7 +112,7 @@ def info(args: argparse.Namespace) -> int:
                    "adapterkit_version": config.get("adapterkit_version"),
                    "base_model": base.get("name_or_path"), "base_weights_sha256": base.get("weights_sha256"),
                    "adapted_modules": len(base.get("modules", {})), "copied_modules": base.get("copied_modules", []),
-                   "config": config.get("config")}
+                   "bits": config.get("config", {}).get("bits", 32), "config": config.get("config")}
     summary["parameters"] = sum(t.numel() for t in tensors.values())
     summary["tensors"] = len(tensors)
     summary["bytes_on_disk"] = _directory_size(directory)

@@ -132,20 +132,21 @@ class LoRALayer(DeltaLayer):
         return self.lora_A.shape[0]
 
     def delta_output(self, x: Tensor, scale: float) -> Tensor:
-        h = self.dropout(x.to(self.lora_A.dtype))
+        a, b = self.weight_of("lora_A"), self.weight_of("lora_B")
+        h = self.dropout(x.to(a.dtype))
         if self.conv is not None:
-            low = F.conv2d(h, self.lora_A, None, *self.conv)
-            return (F.conv2d(low, self.lora_B) * (self.scaling * scale)).to(x.dtype)
-        return (F.linear(F.linear(h, self.lora_A), self.lora_B) * (self.scaling * scale)).to(x.dtype)
+            return (F.conv2d(F.conv2d(h, a, None, *self.conv), b) * (self.scaling * scale)).to(x.dtype)
+        return (F.linear(F.linear(h, a), b) * (self.scaling * scale)).to(x.dtype)
 
     def _factors(self) -> tuple[Tensor, Tensor]:
         # ΔW = B @ A for an (out × in) weight; a Conv1D weight is (in × out), so ΔWᵀ = Aᵀ @ Bᵀ;
         # a conv weight (out × in × kh × kw) is updated through its (out × in·kh·kw) view.
+        a, b = self.weight_of("lora_A"), self.weight_of("lora_B")
         if self.transposed:
-            return self.lora_A.t(), self.lora_B.t()
+            return a.t(), b.t()
         if self.conv is not None:
-            return self.lora_B.flatten(1), self.lora_A.flatten(1)
-        return self.lora_B, self.lora_A
+            return b.flatten(1), a.flatten(1)
+        return b, a
 
     def add_to_weight(self, weight: Tensor, scale: float) -> None:
         self.write_from(weight, weight, scale)

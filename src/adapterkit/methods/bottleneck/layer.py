@@ -80,14 +80,20 @@ class BottleneckLayer(ModuleLayer):
         self.down = projection(conv, reads, width, device)
         self.up = projection(conv, width, out_dim, device)
         init_projections(self.down, self.up, config.init)
+        self.conv = conv
         self.activation = config.act
         self.scaling = float(config.scaling)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
+    def _project(self, module: nn.Module, x: Tensor) -> Tensor:
+        name = "down" if module is self.down else "up"
+        weight = self.weight_of(f"{name}.weight")  # low-bit adapters: the dequantised weight
+        return F.conv2d(x, weight, module.bias) if self.conv else F.linear(x, weight, module.bias)
+
     def bottleneck_output(self, source: Tensor) -> Tensor:
-        """``Up(dropout(act(Down(source))))`` in fp32 (methods built on this one override it)."""
-        hidden = ACTIVATION_FUNCTIONS[self.activation](self.down(source.to(torch.float32)))
-        return self.up(self.dropout(hidden))
+        """``Up(dropout(act(Down(source))))`` in fp32."""
+        hidden = ACTIVATION_FUNCTIONS[self.activation](self._project(self.down, source.to(torch.float32)))
+        return self._project(self.up, self.dropout(hidden))
 
     def adapt(self, inputs: Tensor, output: Any, scale: float) -> Any:
         hidden, rest = split_output(output)

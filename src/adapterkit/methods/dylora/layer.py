@@ -43,7 +43,7 @@ class DyLoRALayer(LoRALayer):
 
     def truncated(self, rank: int) -> tuple[Tensor, Tensor]:
         """``(A[:b], B[:, :b])``; in frozen training only component ``b`` carries gradient."""
-        a, b = self.lora_A[:rank], self.lora_B[:, :rank]
+        a, b = self.weight_of("lora_A")[:rank], self.weight_of("lora_B")[:, :rank]
         if self.config.frozen and self.training and rank > 1 and torch.is_grad_enabled():
             a = torch.cat([a[: rank - 1].detach(), a[rank - 1:]])
             b = torch.cat([b[:, : rank - 1].detach(), b[:, rank - 1:]], dim=1)
@@ -56,7 +56,7 @@ class DyLoRALayer(LoRALayer):
         return (F.linear(F.linear(h, a), b) * (self.config.scale_at(rank) * scale)).to(x.dtype)
 
     def _factors(self) -> tuple[Tensor, Tensor]:
-        a, b = self.lora_A[: self.eval_rank], self.lora_B[:, : self.eval_rank]
+        a, b = self.weight_of("lora_A")[: self.eval_rank], self.weight_of("lora_B")[:, : self.eval_rank]
         return (a.t(), b.t()) if self.transposed else (b, a)
 
     def extra_repr(self) -> str:

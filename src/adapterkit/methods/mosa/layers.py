@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ...layers import AdapterLayer
 from ...seeding import layer_seed
-from ..bottleneck.layer import ACTIVATION_FUNCTIONS, BottleneckLayer
+from ..bottleneck.layer import BottleneckLayer
 from ..lora import LoRALayer
 from .config import MoSAConfig
 from .split import SplitWeight
@@ -49,7 +49,7 @@ class MoSABottleneckLayer(_Splits, BottleneckLayer):
     def __init__(self, adapter_name: str, config: MoSAConfig, in_dim: int, out_dim: int, conv: bool,
                  module_name: str, device: Any = None) -> None:
         BottleneckLayer.__init__(self, adapter_name, config.base, in_dim, out_dim, conv, module_name, device)
-        self.conv, self.dims = conv, (in_dim, out_dim)
+        self.dims = (in_dim, out_dim)
         matrices = {w: (getattr(self, w).weight, getattr(self, w).bias) for w in config.split_names}
         for which, split in self._setup_splits(config, adapter_name, module_name, matrices).items():
             setattr(self, which, split)  # replaces the dense projection: one tensor's worth of values
@@ -58,11 +58,7 @@ class MoSABottleneckLayer(_Splits, BottleneckLayer):
         if isinstance(module, SplitWeight):
             weight, bias = module.current(self.training)
             return F.conv2d(x, weight, bias) if self.conv else F.linear(x, weight, bias)
-        return module(x)
-
-    def bottleneck_output(self, source: Tensor) -> Tensor:
-        hidden = ACTIVATION_FUNCTIONS[self.activation](self._project(self.down, source.to(torch.float32)))
-        return self._project(self.up, self.dropout(hidden))
+        return super()._project(module, x)
 
     def merged_state(self) -> dict[str, Tensor]:
         """State dict of the plain bottleneck adapter this one merges into."""

@@ -36,6 +36,21 @@ class ShiraLayer(DeltaLayer):
     def nnz(self) -> int:
         return self.values.numel()
 
+    def quantizable(self) -> list[str]:
+        return ["values"]  # low-bit SHiRA: the values are one tensor per layer
+
+    def stored_shape(self, name: str, tensors: Mapping[str, Tensor]) -> torch.Size:
+        """A layer built for loading learns its entry count from the file's index tensors."""
+        if name != "values" or self.values.numel():
+            return super().stored_shape(name, tensors)
+        if storage.HEADER in tensors:
+            return torch.Size([int(tensors[storage.HEADER][0])])
+        if ROWCOL in tensors:
+            return torch.Size([tensors[ROWCOL].shape[-1]])
+        if self.mask_rule == "struct":
+            return torch.Size([self._regenerate(0, 0, "").numel()])
+        return torch.Size([self.budget])  # a seeded rand mask has exactly its budget (checked by digest)
+
     # -- compute -----------------------------------------------------------------------------
     def _pattern(self) -> Tensor:
         """The mask as CSR, cached until the indices change (loading) or move (``.to``)."""
@@ -50,14 +65,14 @@ class ShiraLayer(DeltaLayer):
         return state
 
     def forward_with_base(self, base: nn.Module, x: Tensor, scale: float) -> Tensor:
-        return SparseLinear.apply(x, self.values, base.weight, base.bias, self.indices, scale, self._pattern())
+        return SparseLinear.apply(x, self.weight_of("values"), base.weight, base.bias, self.indices, scale, self._pattern())
 
     def delta_output(self, x: Tensor, scale: float) -> Tensor:
-        return SparseDelta.apply(x, self.values, self.indices, self.shape, scale, self._pattern())
+        return SparseDelta.apply(x, self.weight_of("values"), self.indices, self.shape, scale, self._pattern())
 
     def add_to_weight(self, weight: Tensor, scale: float) -> None:
         flat = weight.view(-1)
-        delta = self.values.detach() * scale
+        delta = self.weight_of("values").detach() * scale
         if weight.dtype == torch.float32:
             flat.index_add_(0, self.indices, delta)
         else:  # low precision: add in fp32, round once
@@ -67,7 +82,7 @@ class ShiraLayer(DeltaLayer):
         return self.indices
 
     def sparse_delta(self, scale: float) -> Tensor:
-        return self.values.detach() * scale
+        return self.weight_of("values").detach() * scale
 
     # -- files -------------------------------------------------------------------------------
     def tensors(self) -> dict[str, Tensor]:
