@@ -30,6 +30,11 @@ def feature_dims(module: nn.Module, module_name: str) -> tuple[int, int, bool]:
     return first[0], last[1], last[2]
 
 
+def can_wrap(module: nn.Module) -> bool:
+    """A linear or conv layer, or a block containing one (its width can be inferred)."""
+    return any(linear_or_conv(m) is not None for m in module.modules())
+
+
 def linear_or_conv(module: nn.Module) -> tuple[int, int, bool] | None:
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features, False

@@ -9,7 +9,7 @@ from torch import nn
 from ...config import AdapterConfig
 from ...registry import AdapterMethod, register_method
 from .config import BottleneckConfig
-from .layer import BottleneckLayer, feature_dims, linear_or_conv
+from .layer import BottleneckLayer, can_wrap, feature_dims
 
 
 def module_device(module: nn.Module) -> Any:
@@ -23,7 +23,7 @@ class BottleneckMethod(AdapterMethod):
     config_class = BottleneckConfig
 
     def supports(self, module: nn.Module) -> bool:
-        return any(linear_or_conv(m) is not None for m in module.modules())
+        return can_wrap(module)
 
     def create_layer(self, config: AdapterConfig, adapter_name: str, module_name: str, module: nn.Module,
                      context: Any = None) -> BottleneckLayer:

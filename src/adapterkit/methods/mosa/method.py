@@ -7,10 +7,11 @@ from typing import Any, Mapping
 from torch import nn
 
 from ...config import AdapterConfig
+from ...errors import TargetError
 from ...layers import AdapterLayer
 from ...registry import AdapterMethod, method_for, register_method
 from ...state import peek_state
-from ..bottleneck import BottleneckConfig, BottleneckLayer, feature_dims
+from ..bottleneck import BottleneckConfig, BottleneckLayer, can_wrap, feature_dims
 from ..bottleneck.method import module_device
 from ..lora import LoRALayer
 from .config import MoSAConfig
@@ -23,14 +24,12 @@ class MoSAMethod(AdapterMethod):
     config_class = MoSAConfig
 
     def supports(self, module: nn.Module) -> bool:
-        return method_for(BottleneckConfig(target_modules=["x"])).supports(module)  # the widest base
+        return can_wrap(module)  # the wider of the two bases; create_layer checks the actual one
 
     def create_layer(self, config: AdapterConfig, adapter_name: str, module_name: str, module: nn.Module,
                      context: Any = None) -> AdapterLayer:
         assert isinstance(config, MoSAConfig)
         if not method_for(config.base).supports(module):
-            from ...errors import TargetError
-
             raise TargetError(f"module {module_name!r} ({type(module).__name__}) cannot host a MoSA "
                               f"{type(config.base).method} adapter")
         if isinstance(config.base, BottleneckConfig):
@@ -52,8 +51,7 @@ class MoSAMethod(AdapterMethod):
         for path, layer in layers.items():
             if isinstance(layer, MoSABottleneckLayer):
                 plain: AdapterLayer = BottleneckLayer(layer.adapter_name, config.base, *layer.dims, layer.conv, path,
-                                                      layer.up.initial.device if hasattr(layer.up, "initial")
-                                                      else layer.up.weight.device)
+                                                      next(layer.parameters()).device)
             elif isinstance(layer, MoSALoRALayer):
                 lora = config.base
                 plain = LoRALayer(layer.adapter_name, bases[path], r=lora.rank_for(path), scaling=lora.scaling_for(path),
