@@ -5,10 +5,11 @@
     .venv/bin/python bench/lowbit_bench.py --quick    # smoke run (tiny sizes; results in bench/results/tmp)
 
 Text: MiniLM + VADER movie-snippet sentiment (2,000 training examples, 1 epoch, 1,000 test), with
-LoRA r=8 on query/value, a Pfeiffer bottleneck adapter (width 32) after every feed-forward output,
+LoRA r=8 on query/value, a Pfeiffer bottleneck adapter (width 32, no biases, as the paper's
+AdaptFormer: biases would stay fp32) after every feed-forward output,
 and SHiRA-rand at LoRA r=8's budget; the classifier head is trained in full precision in every run.
 Vision: EfficientNet-Lite0 + scikit-learn digits, 20 images per class, a 1×1-conv bottleneck
-adapter (reduction 4) after every MBConv block, 3 seeds. Every precision uses the same learning rate
+adapter (reduction 4, no biases) after every MBConv block, 3 seeds. Every precision uses the same learning rate
 and steps (the paper's recipe: quantisation-aware training from the start, one codebook per tensor).
 
 Sizes: bytes of the adapter's own tensors in ``adapter.safetensors`` (packed codes + μ, σ when
@@ -43,7 +44,7 @@ def text_config(method: str, bits: int) -> ak.AdapterConfig:
     if method == "lora":
         return ak.LoRAConfig(r=T.R, alpha=T.LORA_ALPHA, target_modules=["query", "value"], **common)
     if method == "bottleneck":
-        return ak.BottleneckConfig(bottleneck=32, target_modules=r".*layer\.\d+\.output\.dense", **common)
+        return ak.BottleneckConfig(bottleneck=32, bias=False, target_modules=r".*layer\.\d+\.output\.dense", **common)
     return ak.ShiraConfig(r=T.R, mask="rand", target_modules=["query", "value"], **common)
 
 
@@ -86,7 +87,7 @@ def run_vision(quick: bool) -> list[dict]:
         for seed in seeds:
             model = load_efficientnet_lite0(10, seed=seed)
             torch.manual_seed(seed)
-            ak.attach(model, ak.BottleneckConfig(reduction_factor=4, target_modules=r"backbone\._blocks\.\d+",
+            ak.attach(model, ak.BottleneckConfig(reduction_factor=4, bias=False, target_modules=r"backbone\._blocks\.\d+",
                                                  modules_to_save=[HEADS["vision"]], bits=bits), "a")
             start = time.perf_counter()
             ak.train(model, train.batches(VISION["batch"], shuffle=True, seed=seed) * epochs, lr=VISION["lr"],

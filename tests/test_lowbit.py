@@ -160,6 +160,23 @@ def test_one_bit_storage_is_at_least_31x_smaller_at_minilm_width(tmp_path):
     assert data[32] / data[1] >= 31
 
 
+def test_one_bit_bottleneck_without_biases_is_31x_smaller_and_merges_from_mosa(tmp_path):
+    base = nn.Sequential(*[nn.Linear(384, 384) for _ in range(2)])
+    data = {}
+    for bits in (32, 1):
+        model = copy.deepcopy(base)
+        ak.attach(model, ak.BottleneckConfig(bottleneck=32, bias=False, target_modules=["0", "1"], bits=bits), "q")
+        ak.save(model, tmp_path / str(bits), "q")
+        with safe_open(str(tmp_path / str(bits) / "adapter.safetensors"), framework="pt") as handle:
+            data[bits] = sum(handle.get_tensor(k).numel() * handle.get_tensor(k).element_size() for k in handle.keys())
+    assert data[32] / data[1] >= 31
+    model = copy.deepcopy(base)
+    ak.attach(model, ak.MoSAConfig(base=ak.BottleneckConfig(bottleneck=32, bias=False, target_modules=["0"])), "m")
+    ak.merge(model, "m")
+    ak.quantize(model, "m", 1)
+    assert model[0].layer("m").up.bias is None and set(model[0].layer("m").quantizers) == {"down.weight", "up.weight"}
+
+
 def test_low_bit_lora_fuses_exactly_and_exports_dequantised_to_peft(tiny_bert, token_ids, tmp_path):
     model = copy.deepcopy(tiny_bert)
     ak.attach(model, ak.LoRAConfig(r=4, target_modules=["query", "value"], init="random", bits=2), "q")

@@ -36,6 +36,8 @@ class BottleneckConfig(AdapterConfig):
         dropout: dropout on the bottleneck activations during training.
         init: ``"identity"`` (default: Down Kaiming-uniform, Up and biases zero, so a fresh
             adapter leaves the model unchanged) or ``"random"`` (Up random too; for tests).
+        bias: projections with biases (default). The low-bit paper's AdaptFormer has none: biases
+            stay fp32 in low-bit adapters, so without them a 1-bit adapter is ~32× smaller.
     """
 
     reduction_factor: float = 16.0
@@ -45,6 +47,7 @@ class BottleneckConfig(AdapterConfig):
     scaling: float = 1.0
     dropout: float = 0.0
     init: str = "identity"
+    bias: bool = True
 
     def validate(self) -> None:
         if self.style not in STYLES:

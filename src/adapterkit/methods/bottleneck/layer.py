@@ -43,22 +43,23 @@ def linear_or_conv(module: nn.Module) -> tuple[int, int, bool] | None:
     return None
 
 
-def projection(conv: bool, in_dim: int, out_dim: int, device: Any) -> nn.Module:
+def projection(conv: bool, in_dim: int, out_dim: int, device: Any, bias: bool = True) -> nn.Module:
     """A linear map on the last dimension, or a 1×1 convolution on the channels; fp32."""
     if conv:
-        return nn.Conv2d(in_dim, out_dim, kernel_size=1, device=device, dtype=torch.float32)
-    return nn.Linear(in_dim, out_dim, device=device, dtype=torch.float32)
+        return nn.Conv2d(in_dim, out_dim, kernel_size=1, bias=bias, device=device, dtype=torch.float32)
+    return nn.Linear(in_dim, out_dim, bias=bias, device=device, dtype=torch.float32)
 
 
 def init_projections(down: nn.Module, up: nn.Module, init: str) -> None:
     with torch.no_grad():
         nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
-        nn.init.zeros_(down.bias)
         if init == "random":
             nn.init.normal_(up.weight, std=0.02)
         else:
             nn.init.zeros_(up.weight)  # Up = 0: a fresh adapter is an identity
-        nn.init.zeros_(up.bias)
+        for bias in (down.bias, up.bias):
+            if bias is not None:
+                nn.init.zeros_(bias)
 
 
 def split_output(output: Any) -> tuple[Tensor, tuple]:
@@ -82,8 +83,8 @@ class BottleneckLayer(ModuleLayer):
         self.parallel = config.style == "parallel"
         reads = in_dim if self.parallel else out_dim
         width = config.width_for(reads, module_name)
-        self.down = projection(conv, reads, width, device)
-        self.up = projection(conv, width, out_dim, device)
+        self.down = projection(conv, reads, width, device, config.bias)
+        self.up = projection(conv, width, out_dim, device, config.bias)
         init_projections(self.down, self.up, config.init)
         self.conv = conv
         self.activation = config.act

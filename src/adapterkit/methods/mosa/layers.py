@@ -66,7 +66,9 @@ class MoSABottleneckLayer(_Splits, BottleneckLayer):
         for which in ("down", "up"):
             module = getattr(self, which)
             weight, bias = module.merged() if isinstance(module, SplitWeight) else (module.weight, module.bias)
-            out[f"{which}.weight"], out[f"{which}.bias"] = weight.detach(), bias.detach()
+            out[f"{which}.weight"] = weight.detach()
+            if bias is not None:
+                out[f"{which}.bias"] = bias.detach()
         return out
 
 
