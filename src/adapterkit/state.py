@@ -76,6 +76,22 @@ def get_state(model: nn.Module) -> ModelState:
     return state if state is not None else ModelState()
 
 
+def adapted_states(model: nn.Module) -> list[ModelState]:
+    """The states of ``model`` or, when it is a wrapper (a loss wrapper, DDP), of the adapted
+    models inside it; the common case (the adapted model itself) costs no module walk."""
+    own = peek_state(model)
+    if own is not None:
+        return [own]
+    return [s for s in map(peek_state, model.modules()) if s is not None]
+
+
+def active_records(model: nn.Module) -> Iterator[tuple[ModelState, AdapterRecord]]:
+    """``(state, record)`` for every active adapter of the adapted models in ``model``."""
+    for state in adapted_states(model):
+        for name, _ in state.active:
+            yield state, state.adapters[name]
+
+
 def ensure_state(model: nn.Module) -> ModelState:
     state = peek_state(model)
     if state is None:

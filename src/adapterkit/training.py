@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .data import LabelledTexts
-from .state import peek_state
+from .state import active_records
 
 Batch = Mapping[str, Tensor]
 
@@ -90,13 +90,8 @@ def step(model: nn.Module) -> None:
     micro-batch of a gradient-accumulated step then shares the draw. :func:`train` and
     :class:`~adapterkit.trainer.AdapterTrainer` (or :class:`~adapterkit.trainer.StepCallback`
     in any ``Trainer``) call it for you."""
-    own = peek_state(model)
-    # a model wrapped in another module (a loss wrapper, DDP): step the adapted models inside
-    states = [own] if own is not None else [s for s in map(peek_state, model.modules()) if s is not None]
-    for state in states:
-        for name, _ in state.active:
-            record = state.adapters[name]
-            record.method.on_step(record.config, [layer for _, layer in state.layers(name)])
+    for state, record in active_records(model):
+        record.method.on_step(record.config, [layer for _, layer in state.layers(record.name)])
 
 
 class FrozenNormStatistics:

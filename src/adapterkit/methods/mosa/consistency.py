@@ -7,7 +7,7 @@ from typing import Any, Mapping
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...state import peek_state
+from ...state import active_records
 from ...training import logits_of, loss_of
 from .config import MoSAConfig
 from .method import resample
@@ -24,8 +24,8 @@ def consistency_loss(first: Tensor, second: Tensor) -> Tensor:
 
 def active_consistency_weight(model: nn.Module) -> float:
     """The largest ``consistency_weight`` among the model's active MoSA adapters (0 if none)."""
-    weights = [state.adapters[n].config.consistency_weight for state in filter(None, map(peek_state, model.modules()))
-               for n, _ in state.active if isinstance(state.adapters[n].config, MoSAConfig)]
+    weights = [record.config.consistency_weight for _, record in active_records(model)
+               if isinstance(record.config, MoSAConfig)]
     return max(weights, default=0.0)
 
 

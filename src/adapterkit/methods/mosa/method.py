@@ -10,7 +10,7 @@ from ...config import AdapterConfig
 from ...errors import TargetError
 from ...layers import AdapterLayer
 from ...registry import AdapterMethod, method_for, register_method
-from ...state import peek_state
+from ...state import active_records
 from ..bottleneck import BottleneckConfig, BottleneckLayer, can_wrap, feature_dims
 from ..bottleneck.method import module_device
 from ..lora import LoRALayer
@@ -66,9 +66,6 @@ class MoSAMethod(AdapterMethod):
 
 def resample(model: nn.Module) -> None:
     """Draw fresh module choices in every active MoSA adapter (the second stochastic pass)."""
-    for state in filter(None, map(peek_state, model.modules())):
-        for name, _ in state.active:
-            if isinstance(state.adapters[name].config, MoSAConfig):
-                for _, layer in state.layers(name):
-                    if isinstance(layer, _Splits):
-                        layer.choose_modules()
+    for state, record in active_records(model):
+        if isinstance(record.config, MoSAConfig):
+            record.method.on_step(record.config, [layer for _, layer in state.layers(record.name)])
