@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/adapterkit demo
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)

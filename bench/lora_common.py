@@ -92,7 +92,7 @@ def build_base(setting: str, p: Params) -> nn.Module:
         import transformers
         from transformers import AutoModel
 
-        from adapterkit.models import minilm_path
+        from adapterkit.zoo.models import minilm_path
 
         transformers.logging.set_verbosity_error()  # no load report / progress bar in the output
         transformers.logging.disable_progress_bar()

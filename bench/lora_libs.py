@@ -115,7 +115,7 @@ class Adapterkit(Library):
         self.ak.detach(model, name)
 
     def factors(self, model: nn.Module, name: str) -> Factors:
-        from adapterkit.state import get_state
+        from adapterkit.core.state import get_state
 
         return {path: (layer.lora_A, layer.lora_B, layer.scaling) for path, layer in get_state(model).layers(name)}
 

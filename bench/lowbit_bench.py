@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 
 import adapterkit as ak
-from adapterkit.vision import digits, load_efficientnet_lite0
+from adapterkit.zoo.vision import digits, load_efficientnet_lite0
 
 BITS = (32, 8, 4, 2, 1)
 TEXT_LR = {"lora": 1e-2, "bottleneck": 3e-3, "shira-rand": 1e-2}  # LoRA/SHiRA: shira_quality's best on validation

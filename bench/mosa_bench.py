@@ -53,9 +53,9 @@ import torch
 
 import _tasks as T
 import adapterkit as ak
-from adapterkit.data import LabelledTexts, vader
+from adapterkit.zoo.data import LabelledTexts, vader
 from adapterkit.errors import TargetError
-from adapterkit.vision import Images, digits, load_efficientnet_lite0
+from adapterkit.zoo.vision import Images, digits, load_efficientnet_lite0
 
 import mosa_report as R
 
@@ -199,7 +199,7 @@ def run_one(task: str, method: str, regime: int, seed: int, lr: float, batches: 
     if method.startswith("mosa"):
         probe = evals["test"][:1]
         before = ak.predict(model, probe)
-        ak.merge(model, "task")
+        ak.to_plain(model, "task")
         result["merge_max_abs_logit_diff"] = float((ak.predict(model, probe) - before).abs().max())
     result["inference_params"] = sum(p.numel() for p in ak.adapter_parameters(model, "task"))
     result["inference_signature"] = shape_signature(model)

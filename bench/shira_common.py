@@ -87,7 +87,7 @@ def dense_deltas(model: nn.Module, name: str) -> list[torch.Tensor]:
     """Adapter ``name``'s dense fp32 ΔW per adapted layer (module order), from an adapterkit or a peft model."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from adapterkit.state import peek_state
+    from adapterkit.core.state import peek_state
 
     state = peek_state(model)
     if state is not None and state.adapters:

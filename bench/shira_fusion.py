@@ -39,9 +39,9 @@ from torch import nn
 
 import _tasks as T
 import adapterkit as ak
-from adapterkit.data import vader
-from adapterkit.models import mean_pool
-from adapterkit.state import get_state
+from adapterkit.zoo.data import vader
+from adapterkit.zoo.models import mean_pool
+from adapterkit.core.state import get_state
 
 TARGETS = ["query", "value"]
 VARIANTS = {  # name: (method of both adapters, B avoids A's support)

@@ -118,7 +118,7 @@ class Floor:
     layer): a switch is the two ``index_copy_`` alone, no read of the weight."""
 
     def __init__(self, label: str, weights: list[torch.Tensor], model: nn.Module, mode: str) -> None:
-        from adapterkit.state import get_state
+        from adapterkit.core.state import get_state
 
         self.name, self.mode = label, mode
         self.flat = [w.clone().view(-1) for w in weights]

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 import adapterkit as ak
-from adapterkit.layers import AdaptedModule, DeltaLayer, ModuleLayer
+from adapterkit.core.host import AdaptedModule
+from adapterkit.core.layers import DeltaLayer, ModuleLayer
 
 
 # -- two test-only methods -----------------------------------------------------------------------
@@ -93,12 +94,26 @@ def test_attach_returns_model_freezes_base_and_lists_adapters(mlp):
     assert all(p.requires_grad for p in ak.adapter_parameters(mlp, "b"))
 
 
-def test_adapter_names_never_appear_in_tensor_keys(mlp):
-    ak.attach(mlp, ak.LoRAConfig(target_modules=["0", "2"]), "weight")
-    ak.attach(mlp, ak.LoRAConfig(target_modules=["0"]), "lora_A")
-    keys = list(mlp.state_dict())
-    assert "0.adapters.0.lora_A" in keys and "0.adapters.1.lora_A" in keys
-    assert not any("weight." in k or ".lora_A." in k for k in keys)
+def test_state_dict_keys_are_keyed_by_adapter_name_not_attach_order(mlp):
+    """Regression: keys were adapters.0/adapters.1, so a model that attached b, a loaded a's
+    tensors into b under strict=True, and detach renumbered the rest."""
+    torch.manual_seed(0)
+    source = copy.deepcopy(mlp)
+    ak.attach(source, ak.LoRAConfig(r=2, target_modules=["0"], init="random"), "a")
+    ak.attach(source, ak.LoRAConfig(r=4, target_modules=["0"], init="random"), "b")
+    target = copy.deepcopy(mlp)
+    ak.attach(target, ak.LoRAConfig(r=4, target_modules=["0"]), "b")
+    ak.attach(target, ak.LoRAConfig(r=2, target_modules=["0"]), "a")
+    assert "0.adapters.a.lora_A" in source.state_dict()
+    target.load_state_dict(source.state_dict(), strict=True)
+    for name in ("a", "b"):
+        assert torch.equal(target[0].adapters[name].lora_B, source[0].adapters[name].lora_B)
+        ak.activate(source, name), ak.activate(target, name)
+        x = torch.randn(3, 8)
+        assert torch.equal(target(x), source(x))
+    keys_before = set(source.state_dict())
+    ak.detach(source, "a")
+    assert set(source.state_dict()) == {k for k in keys_before if ".adapters.a." not in k}
 
 
 def test_detach_restores_the_original_module_objects_and_frees_memory(mlp):
@@ -107,7 +122,7 @@ def test_detach_restores_the_original_module_objects_and_frees_memory(mlp):
     before = mlp(x)
     ak.attach(mlp, ak.LoRAConfig(target_modules=["0", "2"], init="random"), "a")
     ak.attach(mlp, ak.LoRAConfig(target_modules=["2"], init="random"), "b")
-    probe = weakref.ref(mlp[0].adapters[0].lora_A)
+    probe = weakref.ref(mlp[0].adapters["a"].lora_A)
     ak.detach(mlp, "a")
     gc.collect()
     assert probe() is None
@@ -182,7 +197,7 @@ def test_a_plugin_sparse_delta_fuses_and_restores_only_its_entries():
     ak.activate(model, ["diag", "lora"])
     unfused = model(x)
     ak.fuse(model, ["diag"])
-    fusion = model[0].fusion
+    fusion = model[0].fusion()
     assert fusion._host_copy is None and len(fusion._saved_entries) == 1  # sparse: only 6 entries kept
     assert fusion._saved_entries[0].values.numel() == 6
     ak.fuse(model, ["diag", "lora"])  # mixed dense + sparse on layer 2
@@ -292,7 +307,7 @@ def test_an_inserted_module_around_a_block_and_lora_inside_it_nest():
     assert isinstance(model[1].base_layer[0], AdaptedModule)
     ak.activate(model, ["block", "inner"])
     inner = model[1].base_layer[0]
-    expected = model[2](torch.tanh(inner.base_layer(model[0](x)) + inner.adapters[0].delta_output(model[0](x), 1.0)) + 1.0)
+    expected = model[2](torch.tanh(inner.base_layer(model[0](x)) + inner.adapters["inner"].delta_output(model[0](x), 1.0)) + 1.0)
     torch.testing.assert_close(model(x), expected)
     ak.detach(model, "block")
     assert isinstance(model[1], nn.Sequential) and isinstance(model[1][0], AdaptedModule)

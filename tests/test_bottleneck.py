@@ -160,7 +160,7 @@ def test_inserted_modules_cannot_be_fused_and_nothing_changes(tiny_bert, token_i
         ak.fuse(tiny_bert, ["a"])
     assert_unchanged(tiny_bert, before)
     with pytest.raises(ak.UnsupportedError, match="already plain"):
-        ak.merge(tiny_bert, "a")
+        ak.to_plain(tiny_bert, "a")
     assert_unchanged(tiny_bert, before)
 
 

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 import adapterkit as ak
-from adapterkit import data
+from adapterkit.zoo import data
 
 
 def test_movie_snippets_have_the_documented_size_and_balance():

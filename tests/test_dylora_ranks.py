@@ -15,7 +15,7 @@ from torch import nn
 
 import adapterkit as ak
 from adapterkit.cli.main import main
-from adapterkit.state import get_state
+from adapterkit.core.state import get_state
 
 
 def randomise(model: nn.Module, name: str = "d") -> None:

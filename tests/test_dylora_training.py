@@ -13,7 +13,7 @@ from torch import nn
 
 import adapterkit as ak
 from adapterkit.methods.dylora import DyLoRALayer
-from adapterkit.state import get_state
+from adapterkit.core.state import get_state
 
 
 def dylora_mlp(**config) -> nn.Module:

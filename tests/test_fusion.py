@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import adapterkit as ak
-from adapterkit.layers import AdaptedModule
+from adapterkit.core.host import AdaptedModule
 
 
 def _model(dtype=torch.float32, seed: int = 0) -> nn.Module:
@@ -100,7 +100,7 @@ def test_inexact_fuse_subtracts_and_drifts_but_stays_close():
 
 def test_exact_fuse_keeps_a_reusable_host_copy_until_freed():
     model = _with_two_adapters()
-    fusion = model[0].fusion
+    fusion = model[0].fusion()
     assert fusion.host_bytes == 0
     ak.fuse(model)
     buffer = fusion._host_copy
@@ -151,7 +151,7 @@ def test_fuse_without_active_adapter_or_with_unknown_name_raises():
 def test_merge_and_unload_bakes_in_and_removes_wrappers(tiny_bert, token_ids):
     ak.attach(tiny_bert, ak.LoRAConfig(r=2, target_modules=["query", "value"], modules_to_save=["classifier"], init="random"))
     with torch.no_grad():
-        tiny_bert.classifier.adapters[0].module.weight.add_(1.0)
+        tiny_bert.classifier.adapters["default"].module.weight.add_(1.0)
     adapted = tiny_bert(input_ids=token_ids).logits
     merged = ak.merge_and_unload(tiny_bert)
     assert not hasattr(merged, "adapterkit_state")
@@ -163,7 +163,7 @@ def test_merge_and_unload_bakes_in_and_removes_wrappers(tiny_bert, token_ids):
 def test_mixed_precision_fuse_is_computed_in_fp32_and_restored_exactly():
     model = _with_two_adapters(torch.bfloat16)
     original = _base_weights(model)
-    layer = model[0].adapters[0]
+    layer = model[0].adapters["a"]
     expected = (original["0"].float() + layer.scaling * (layer.lora_B @ layer.lora_A)).to(torch.bfloat16)
     ak.fuse(model, ["a"])
     assert torch.equal(model[0].weight, expected)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import adapterkit as ak
-from adapterkit import data
-from adapterkit.models import load_sentence_classifier, minilm_path
+from adapterkit.zoo import data
+from adapterkit.zoo.models import load_sentence_classifier, minilm_path
 
 pytestmark = pytest.mark.integration
 
@@ -89,7 +89,7 @@ def test_saved_adapter_refuses_a_different_base(minilm, tmp_path):
 
 
 def test_sampled_check_is_default_and_full_check_sees_a_single_edited_entry(minilm, tmp_path):
-    from adapterkit.fingerprint import sample_positions
+    from adapterkit.io.fingerprint import sample_positions
 
     model = copy.deepcopy(minilm[0])
     ak.attach(model, ak.LoRAConfig(r=2, target_modules=["query"]), "a")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import adapterkit as ak
-from adapterkit.layers import AdaptedModule
+from adapterkit.core.host import AdaptedModule
 
 
 def _linear_model(seed: int = 0) -> nn.Module:
@@ -24,7 +24,7 @@ def test_forward_is_base_plus_scaled_low_rank_product(use_rslora):
     base = model[0]
     x = torch.randn(5, 12)
     ak.attach(model, ak.LoRAConfig(r=4, alpha=6, target_modules=["0"], init="random", use_rslora=use_rslora))
-    layer = model[0].adapters[0]
+    layer = model[0].adapters["default"]
     scaling = 6 / (math.sqrt(4) if use_rslora else 4)
     assert layer.scaling == pytest.approx(scaling)
     expected = x @ base.weight.T + base.bias + scaling * (x @ layer.lora_A.T @ layer.lora_B.T)
@@ -37,7 +37,7 @@ def test_zero_initialised_b_gives_the_base_output_exactly(init):
     x = torch.randn(5, 12)
     before = model(x)
     ak.attach(model, ak.LoRAConfig(r=4, target_modules=["0"], init=init))
-    layer = model[0].adapters[0]
+    layer = model[0].adapters["default"]
     assert torch.count_nonzero(layer.lora_B) == 0
     assert torch.count_nonzero(layer.lora_A) > 0
     assert torch.equal(model(x), before)
@@ -47,7 +47,7 @@ def test_gaussian_init_std_is_one_over_r():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4096, 8))
     ak.attach(model, ak.LoRAConfig(r=8, target_modules=["0"], init="gaussian"))
-    assert model[0].adapters[0].lora_A.std().item() == pytest.approx(1 / 8, rel=0.05)
+    assert model[0].adapters["default"].lora_A.std().item() == pytest.approx(1 / 8, rel=0.05)
 
 
 def test_only_adapter_parameters_receive_gradients(tiny_bert, token_ids):
@@ -72,7 +72,7 @@ def test_rank_and_alpha_patterns_override_per_module(tiny_bert):
     config = ak.LoRAConfig(r=4, alpha=8, target_modules=["query", "value"],
                            rank_pattern={"layer.1.attention.self.value": 2}, alpha_pattern={"query": 2})
     ak.attach(tiny_bert, config)
-    layers = {n: m.adapters[0] for n, m in tiny_bert.named_modules() if isinstance(m, AdaptedModule)}
+    layers = {n: m.adapters["default"] for n, m in tiny_bert.named_modules() if isinstance(m, AdaptedModule)}
     assert layers["bert.encoder.layer.1.attention.self.value"].rank == 2
     assert layers["bert.encoder.layer.0.attention.self.value"].rank == 4
     assert layers["bert.encoder.layer.0.attention.self.query"].scaling == pytest.approx(2 / 4)
@@ -108,7 +108,7 @@ def test_gpt2_conv1d_weights_are_handled_transposed():
 def test_bf16_base_runs_with_fp32_adapter():
     model = _linear_model().to(torch.bfloat16)
     ak.attach(model, ak.LoRAConfig(r=4, target_modules=["0"], init="random"))
-    assert model[0].adapters[0].lora_A.dtype == torch.float32
+    assert model[0].adapters["default"].lora_A.dtype == torch.float32
     out = model(torch.randn(3, 12, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16
 

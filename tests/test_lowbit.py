@@ -15,8 +15,8 @@ from torch import nn
 
 import adapterkit as ak
 from adapterkit.cli.main import main
-from adapterkit.quantization import Quantizer, codebook, encode, pack, packed_bytes, unpack
-from adapterkit.state import get_state
+from adapterkit.core.quantization import Quantizer, codebook, encode, pack, packed_bytes, unpack
+from adapterkit.core.state import get_state
 
 TABLE = {
     1: ([0.6745], [0.0]),
@@ -172,7 +172,7 @@ def test_one_bit_bottleneck_without_biases_is_31x_smaller_and_merges_from_mosa(t
     assert data[32] / data[1] >= 31
     model = copy.deepcopy(base)
     ak.attach(model, ak.MoSAConfig(base=ak.BottleneckConfig(bottleneck=32, bias=False, target_modules=["0"])), "m")
-    ak.merge(model, "m")
+    ak.to_plain(model, "m")
     ak.quantize(model, "m", 1)
     assert model[0].layer("m").up.bias is None and set(model[0].layer("m").quantizers) == {"down.weight", "up.weight"}
 

@@ -13,7 +13,7 @@ from torch import nn
 
 import adapterkit as ak
 from adapterkit.methods.mosa import MoSABottleneckLayer, MoSALoRALayer, SplitWeight, consistency_loss, partition
-from adapterkit.state import get_state
+from adapterkit.core.state import get_state
 
 
 def mosa_mlp(split: str = "up", base: str = "bottleneck", **config) -> nn.Module:
@@ -143,7 +143,7 @@ def test_merge_is_the_mean_of_the_module_outputs_with_a_plain_adapters_shapes(ba
         base_out = getattr(model, path).base_layer(inp)
         merged = layer.adapt(inp, base_out, 1.0) if base == "bottleneck" else base_out + layer.delta_output(inp, 1.0)
         torch.testing.assert_close(merged, sum(o[i] for o in outs) / 4, rtol=1e-5, atol=1e-6)
-    ak.merge(model, "m")
+    ak.to_plain(model, "m")
     torch.testing.assert_close(model(x), merged_out, rtol=1e-6, atol=1e-6)
     plain = copy.deepcopy(model)
     ak.detach(plain, "m")
@@ -214,7 +214,7 @@ def test_two_pass_loss_draws_fresh_modules_for_the_second_pass_in_ak_train_and_t
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=1,
                              learning_rate=1e-2, save_strategy="no", logging_strategy="no", report_to=[], use_cpu=True,
                              disable_tqdm=True)
-    ak.mosa.MoSATrainer(model=tiny_bert, args=args, train_dataset=rows).train()
+    ak.MoSATrainer(model=tiny_bert, args=args, train_dataset=rows).train()
     assert len(seen) == 8  # two passes per step
 
 
@@ -259,6 +259,6 @@ def test_merging_a_fused_mosa_lora_is_refused_and_changes_nothing():
     ak.fuse(model, ["m"])
     before = snapshot(model)
     with pytest.raises(ak.FusedStateError, match="unfuse"):
-        ak.merge(model, "m")
+        ak.to_plain(model, "m")
     assert_unchanged(model, before)
     assert isinstance(model[0].layer("m"), MoSALoRALayer) and not isinstance(model[0].layer("m"), MoSABottleneckLayer)

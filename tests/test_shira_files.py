@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import adapterkit as ak
-from adapterkit.methods.shira import storage
-from adapterkit.state import get_state
+from adapterkit.io import sparse_indices as storage
+from adapterkit.core.state import get_state
 from conftest import assert_unchanged, snapshot
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter.safetensors"

@@ -11,7 +11,7 @@ from torch import nn
 
 import adapterkit as ak
 from adapterkit.methods.shira import masks
-from adapterkit.state import get_state
+from adapterkit.core.state import get_state
 from conftest import assert_unchanged, snapshot
 
 SHAPES = {"0": (64, 48), "2": (64, 64), "4": (48, 64)}  # out × in of the model below

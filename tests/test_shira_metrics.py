@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import adapterkit as ak
-from adapterkit.state import get_state
+from adapterkit.core.state import get_state
 
 
 def sparse_random(n: int, m: int, p: float, g: torch.Generator) -> torch.Tensor:

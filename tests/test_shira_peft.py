@@ -13,7 +13,7 @@ from transformers import BertModel
 
 import adapterkit as ak
 from adapterkit.methods.shira import ShiraLayer
-from adapterkit.state import get_state
+from adapterkit.core.state import get_state
 from conftest import assert_unchanged, snapshot, tiny_bert_config
 
 PEFT_WEIGHTS = "adapter_model.safetensors"

@@ -12,7 +12,7 @@ from torch import nn
 
 import adapterkit as ak
 from adapterkit.methods.shira import masks
-from adapterkit.state import get_state
+from adapterkit.core.state import get_state
 from conftest import assert_unchanged, snapshot
 
 

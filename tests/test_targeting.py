@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import adapterkit as ak
-from adapterkit.targeting import select_modules
+from adapterkit.core.targeting import select_modules
 
 
 def _targets(model, **kwargs):
@@ -64,7 +64,7 @@ def test_plain_module_names_and_already_wrapped_models(mlp):
     # the wrapped module still matches under its original name
     assert _targets(mlp, target_modules=["0", "2"]) == ["0", "2"]
     ak.attach(mlp, ak.LoRAConfig(target_modules=["0", "2"]), "b")
-    assert mlp[0].adapters[0].adapter_name == "a" and mlp[0].adapters[1].adapter_name == "b"
+    assert list(mlp[0].adapters) == ["a", "b"] and mlp[0].adapters["b"].adapter_name == "b"
 
 
 def test_matching_an_unsupported_module_type_raises(tiny_bert):

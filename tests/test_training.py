@@ -46,8 +46,8 @@ def test_accuracy_and_predict(tiny_bert):
 
 
 def test_text_batches_tokenise_once_pad_per_batch_and_reshuffle():
-    from adapterkit.data import LabelledTexts
-    from adapterkit.models import minilm_path
+    from adapterkit.zoo.data import LabelledTexts
+    from adapterkit.zoo.models import minilm_path
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))

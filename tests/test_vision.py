@@ -8,7 +8,7 @@ import torch
 from conftest import assert_unchanged, snapshot
 
 import adapterkit as ak
-from adapterkit.vision import digits, load_efficientnet_lite0
+from adapterkit.zoo.vision import digits, load_efficientnet_lite0
 
 pytestmark = pytest.mark.integration
 BLOCKS = r"backbone\._blocks\.\d+"
@@ -60,6 +60,6 @@ def test_mosa_conv_adapter_merges_into_a_plain_conv_adapter(images):
     ak.train(model, train.batches(10), lr=5e-3, progress=False, loss_fn=ak.mosa.two_pass_loss)
     model.eval()
     before = model(test.pixels[:8])["logits"]
-    ak.merge(model, "m")
+    ak.to_plain(model, "m")
     assert ak.config_of(model, "m").method == "bottleneck"
     torch.testing.assert_close(model(test.pixels[:8])["logits"], before, rtol=1e-4, atol=1e-5)

@@ -7,9 +7,11 @@
     ak.fuse(model); ak.unfuse(model)   # bit-exact
 """
 
-from . import errors, metrics, quantization
+from . import errors
+from .analysis import metrics
+from .core import quantization
 from ._version import __version__
-from .api import (
+from .core.api import (
     activate,
     active_adapters,
     adapter_parameters,
@@ -20,15 +22,16 @@ from .api import (
     fuse,
     fused_adapters,
     merge,
+    to_plain,
     merge_and_unload,
     quantize,
     switch,
     trainable_parameters,
     unfuse,
 )
-from .artefact import export, load, save
-from .composition import Stack
-from .config import AdapterConfig
+from .io.artefact import export, load, save
+from .core.composition import Stack
+from .core.config import AdapterConfig
 from .errors import (
     AdapterError,
     AdapterNotFoundError,
@@ -49,20 +52,25 @@ from .errors import (
     UnsafeFileError,
     UnsupportedError,
 )
-from .layers import AdaptedModule, AdapterLayer, DeltaLayer, ModuleLayer
+from .core.host import AdaptedModule, ModelHost
+from .core.layers import AdapterLayer, DeltaLayer, ModelLayer, ModuleLayer
 from .methods import BottleneckConfig, DyLoRAConfig, LoRAConfig, MoSAConfig, ShiraConfig
 from .methods import dylora, mosa
 from .methods.dylora import RankSweep, rank_sweep, set_rank
 
 
-def __getattr__(name: str):  # transformers is optional: import the Trainer integration on first use
-    if name in ("AdapterTrainer", "StepCallback"):
-        from . import trainer
+from .core.registry import AdapterMethod, get_method, register_method, registered_methods
+from .core.steps import step
+from .train.loop import FrozenNormStatistics, TextBatches, accuracy, predict, train
 
-        return getattr(trainer, name)
+
+def __getattr__(name: str):  # transformers is optional: import the Trainer integration on first use
+    if name in ("AdapterTrainer",
+    "MoSATrainer", "StepCallback", "MoSATrainer"):
+        from .train import hf
+
+        return getattr(hf, name)
     raise AttributeError(f"module 'adapterkit' has no attribute {name!r}")
-from .registry import AdapterMethod, get_method, register_method, registered_methods
-from .training import FrozenNormStatistics, TextBatches, accuracy, predict, step, train
 
 __all__ = [
     "__version__",
@@ -78,6 +86,7 @@ __all__ = [
     "fuse",
     "fused_adapters",
     "merge",
+    "to_plain",
     "quantize",
     "merge_and_unload",
     "switch",
@@ -102,10 +111,13 @@ __all__ = [
     "LoRAConfig",
     "ShiraConfig",
     "AdapterTrainer",
+    "MoSATrainer",
     "AdaptedModule",
     "AdapterLayer",
     "DeltaLayer",
     "ModuleLayer",
+    "ModelLayer",
+    "ModelHost",
     "AdapterMethod",
     "get_method",
     "register_method",

@@ -7,13 +7,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .. import api, artefact, data
+from ..core import api
+from ..io import artefact
+from ..zoo import data
 from ..errors import ConfigError, DataNotFoundError, MissingFileError
 from ..methods import DyLoRAConfig, LoRAConfig
 from ..methods.dylora import rank_sweep as sweep_ranks
-from ..models import SentenceClassifier, load_sentence_classifier
-from ..safefiles import read_json, read_tensors, write_tensors
-from ..training import TextBatches, accuracy, train as train_loop
+from ..zoo.models import SentenceClassifier, load_sentence_classifier
+from ..io.safefiles import read_json, read_tensors, write_tensors
+from ..train.loop import TextBatches, accuracy, train as train_loop
 
 HEAD_FILE = "classifier.safetensors"
 

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
-from .. import api, artefact
-from ..layers import AdaptedModule
+from ..core import api
+from ..io import artefact
+from ..core.host import AdaptedModule
 from ..methods import LoRAConfig
-from ..models import load_sentence_classifier
-from ..training import TextBatches, accuracy, predict, train
+from ..zoo.models import load_sentence_classifier
+from ..train.loop import TextBatches, accuracy, predict, train
 from .commands import dataset
 
 CYCLES = 200  # the test suite runs 1,000; the demo shows the idea quickly

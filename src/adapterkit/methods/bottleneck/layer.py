@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...errors import TargetError
-from ...layers import ModuleLayer
+from ...core.layers import ModuleLayer
 from .config import BottleneckConfig
 
 ACTIVATION_FUNCTIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}

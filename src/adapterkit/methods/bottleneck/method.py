@@ -6,8 +6,8 @@ from typing import Any
 
 from torch import nn
 
-from ...config import AdapterConfig
-from ...registry import AdapterMethod, register_method
+from ...core.config import AdapterConfig
+from ...core.registry import AdapterMethod, register_method
 from .config import BottleneckConfig
 from .layer import BottleneckLayer, can_wrap, feature_dims
 

@@ -7,7 +7,7 @@
     ak.export(model, "task", "out/rank2", rank=2)   # a plain rank-2 LoRA (PEFT format)
 """
 
-from ...training import step
+from ...core.steps import step
 from .config import DyLoRAConfig
 from .layer import DyLoRALayer
 from .method import DyLoRAMethod, current_rank, ranks_of, set_rank

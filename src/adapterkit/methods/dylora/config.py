@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ...config import AdapterConfig
+from ...core.config import AdapterConfig
 from ...errors import ConfigError
 
 DISTRIBUTIONS = ("uniform", "geometric")

@@ -7,13 +7,13 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from torch import nn
 
-from ...api import fuse, unfuse
-from ...config import AdapterConfig
+from ...core.api import fuse, unfuse
+from ...core.config import AdapterConfig
 from ...errors import ConfigError
-from ...layers import AdapterLayer
-from ...registry import AdapterMethod, register_method
-from ...seeding import layer_seed
-from ...state import ModelState, get_state
+from ...core.layers import AdapterLayer
+from ...core.registry import AdapterMethod, register_method
+from ...core.seeding import layer_seed
+from ...core.state import ModelState, get_state
 from ..lora import LoRAConfig, LoRALayer, is_lora_target
 from .config import DyLoRAConfig
 from .layer import DyLoRALayer

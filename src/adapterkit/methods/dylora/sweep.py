@@ -10,7 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...errors import ConfigError
-from ...safefiles import write_json
+from ...io.safefiles import write_json
 from .method import current_rank, ranks_of, set_rank
 
 

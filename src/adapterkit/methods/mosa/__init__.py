@@ -12,13 +12,6 @@ from .layers import MoSABottleneckLayer, MoSALoRALayer
 from .method import MoSAMethod, resample
 from .split import SplitWeight, partition
 
-__all__ = ["MoSABottleneckLayer", "MoSAConfig", "MoSALoRALayer", "MoSAMethod", "MoSATrainer", "SplitWeight",
+__all__ = ["MoSABottleneckLayer", "MoSAConfig", "MoSALoRALayer", "MoSAMethod", "SplitWeight",
            "active_consistency_weight", "consistency_loss", "partition", "resample", "two_pass_loss"]
 
-
-def __getattr__(name: str):  # transformers is optional: import the Trainer integration on first use
-    if name == "MoSATrainer":
-        from .trainer import MoSATrainer
-
-        return MoSATrainer
-    raise AttributeError(f"module 'adapterkit.methods.mosa' has no attribute {name!r}")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ...config import AdapterConfig
+from ...core.config import AdapterConfig
 from ...errors import ConfigError
-from ...registry import get_method
+from ...core.registry import get_method
 from ..bottleneck import BottleneckConfig
 from ..lora import LoRAConfig
 

@@ -7,8 +7,8 @@ from typing import Any, Mapping
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...state import active_records
-from ...training import logits_of, loss_of
+from ...core.state import active_records
+from ...core.outputs import logits_of, loss_of
 from .config import MoSAConfig
 from .method import resample
 
@@ -33,7 +33,7 @@ def two_pass_loss(model: nn.Module, batch: Mapping[str, Any], weight: float | No
     """Task loss of one pass plus ``weight`` × :func:`consistency_loss` against a second pass with
     fresh module choices (``weight`` defaults to the active MoSA adapters' ``consistency_weight``;
     with 0 it is a single ordinary pass). Use as ``ak.train(..., loss_fn=ak.mosa.two_pass_loss)``
-    or through :class:`adapterkit.mosa.MoSATrainer`."""
+    or through :class:`adapterkit.MoSATrainer`."""
     weight = active_consistency_weight(model) if weight is None else weight
     first = model(**batch)
     loss = loss_of(first)

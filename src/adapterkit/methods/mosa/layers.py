@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...layers import AdapterLayer
-from ...seeding import layer_seed
+from ...core.layers import AdapterLayer
+from ...core.seeding import layer_seed
 from ..bottleneck.layer import BottleneckLayer
 from ..lora import LoRALayer
 from .config import MoSAConfig

@@ -6,11 +6,11 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from ...config import AdapterConfig
+from ...core.config import AdapterConfig
 from ...errors import TargetError
-from ...layers import AdapterLayer
-from ...registry import AdapterMethod, method_for, register_method
-from ...state import active_records
+from ...core.layers import AdapterLayer
+from ...core.registry import AdapterMethod, method_for, register_method
+from ...core.state import active_records
 from ..bottleneck import BottleneckConfig, BottleneckLayer, can_wrap, feature_dims
 from ..bottleneck.method import module_device
 from ..lora import LoRALayer

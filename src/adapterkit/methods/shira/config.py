@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Sequence
 
-from ...config import AdapterConfig
+from ...core.config import AdapterConfig
 from ...errors import ConfigError
 
 MASKS = ("rand", "struct", "wm", "grad", "snip")

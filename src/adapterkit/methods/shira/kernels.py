@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...fusion import work_buffer
+from ...core.workspace import Workspace
 
 BLOCK = 1 << 19  # gathered values per chunk (2 MiB of fp32): stays in cache, few Python iterations
 
@@ -70,9 +70,10 @@ def scatter_product(src_t: Tensor, values: Tensor, take: Tensor, put: Tensor, si
     return out
 
 
-def effective_weight(weight: Tensor, values: Tensor, indices: Tensor, scale: float) -> Tensor:
-    """``W + scale · S`` in a reused work buffer (valid until the next call for the same shape)."""
-    buffer = work_buffer(weight.shape, weight.dtype, weight.device)
+def effective_weight(weight: Tensor, values: Tensor, indices: Tensor, scale: float, workspace: Workspace | None) -> Tensor:
+    """``W + scale · S`` in the workspace's reused buffer (valid until this thread's next call)."""
+    buffer = (torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if workspace is None
+              else workspace.buffer(weight.shape, weight.dtype, weight.device))
     buffer.copy_(weight)
     buffer.view(-1).index_add_(0, indices, (values.detach() * scale).to(weight.dtype))
     return buffer
@@ -87,17 +88,17 @@ class SparseLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, values: Tensor, weight: Tensor, bias: Tensor | None, indices: Tensor, scale: float,
-                pattern: Tensor) -> Tensor:
+                pattern: Tensor, workspace: Workspace | None) -> Tensor:
         ctx.save_for_backward(x, values, weight, indices)
-        ctx.scale, ctx.pattern = scale, pattern
-        return F.linear(x, effective_weight(weight, values, indices, scale), bias)
+        ctx.scale, ctx.pattern, ctx.workspace = scale, pattern, workspace
+        return F.linear(x, effective_weight(weight, values, indices, scale, workspace), bias)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, values, weight, indices = ctx.saved_tensors
         grad_x = grad_v = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad @ effective_weight(weight, values, indices, ctx.scale)
+            grad_x = grad @ effective_weight(weight, values, indices, ctx.scale, ctx.workspace)
         if ctx.needs_input_grad[1]:
             g2, x2 = grad.reshape(-1, weight.shape[0]), x.reshape(-1, weight.shape[1])
             grad_v = sampled_grad(g2, x2, ctx.pattern) * ctx.scale
@@ -105,7 +106,7 @@ class SparseLinear(torch.autograd.Function):
             grad_w = grad.reshape(-1, weight.shape[0]).t() @ x.reshape(-1, weight.shape[1])
         if ctx.needs_input_grad[3]:
             grad_b = grad.reshape(-1, weight.shape[0]).sum(0)
-        return grad_x, grad_v, grad_w, grad_b, None, None, None
+        return grad_x, grad_v, grad_w, grad_b, None, None, None, None
 
 
 class SparseDelta(torch.autograd.Function):

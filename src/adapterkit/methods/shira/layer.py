@@ -8,8 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import BaseModelMismatchError, CorruptFileError
-from ...layers import DeltaLayer
-from . import masks, storage
+from ...core.layers import DeltaLayer
+from . import masks
+from ...io import sparse_indices as storage
 from .kernels import SparseDelta, SparseLinear, csr_pattern
 
 ROWCOL = "indices_rowcol"  # (2, nnz) rows/cols, as PEFT stores them
@@ -65,7 +66,8 @@ class ShiraLayer(DeltaLayer):
         return state
 
     def forward_with_base(self, base: nn.Module, x: Tensor, scale: float) -> Tensor:
-        return SparseLinear.apply(x, self.weight_of("values"), base.weight, base.bias, self.indices, scale, self._pattern())
+        return SparseLinear.apply(x, self.weight_of("values"), base.weight, base.bias, self.indices, scale, self._pattern(),
+                                  self.workspace)
 
     def delta_output(self, x: Tensor, scale: float) -> Tensor:
         return SparseDelta.apply(x, self.weight_of("values"), self.indices, self.shape, scale, self._pattern())

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import ConfigError, FusedStateError
-from ...state import get_state
+from ...core.state import get_state
 
 
 def top_k(scores: Tensor, k: int) -> Tensor:
@@ -123,7 +123,7 @@ def calibration_gradients(model: nn.Module, targets: Mapping[str, nn.Module], ba
     Gradients come from ``torch.autograd.grad``, so no ``.grad`` is written; attached adapters
     are switched off meanwhile; activation, requires_grad flags and train/eval mode are restored.
     """
-    from ...training import loss_of
+    from ...core.outputs import loss_of
 
     state = get_state(model)
     if state.fused:

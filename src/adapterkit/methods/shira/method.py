@@ -7,12 +7,12 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ...config import AdapterConfig
+from ...core.config import AdapterConfig
 from ...errors import ConfigError, UnsupportedError
-from ...peft_format import PeftCodec
-from ...registry import AdapterMethod, register_method
-from ...seeding import layer_seed
-from ...state import get_state
+from ...io.peft_format import PeftCodec
+from ...core.registry import AdapterMethod, register_method
+from ...core.seeding import layer_seed
+from ...core.state import get_state
 from . import masks
 from .config import ShiraConfig
 from .layer import ROWCOL, ShiraLayer

@@ -10,7 +10,7 @@ import dataclasses
 import warnings
 from typing import Any, ClassVar, Sequence, TypeVar
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 TargetSpec = str | Sequence[str] | None
 C = TypeVar("C", bound="AdapterConfig")

@@ -22,53 +22,41 @@ Switching between dense deltas is one pass that reads the saved original and wri
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import TYPE_CHECKING, Sequence
+from typing import Protocol, Sequence
 
 import torch
 from torch import Tensor
 
-from .errors import FusedStateError
+from ..errors import FusedStateError
 
-if TYPE_CHECKING:
-    from .layers import DeltaLayer
 
-Scaled = tuple["DeltaLayer", float]
+class TensorDelta(Protocol):
+    """What fusing needs from a delta of one base tensor (a :class:`~adapterkit.DeltaLayer` for
+    its ``weight``, or one part of a delta over several tensors)."""
+
+    def add_to_weight(self, weight: Tensor, scale: float) -> None:
+        """``weight += scale · Δ`` in place."""
+
+    def write_from(self, weight: Tensor, source: Tensor, scale: float) -> None:
+        """``weight = source + scale · Δ``."""
+
+    def support(self) -> Tensor | None:
+        """Flat indices Δ touches, or ``None`` when dense."""
+
+    def sparse_delta(self, scale: float) -> Tensor | None:
+        """``scale · Δ`` at :meth:`support` in fp32, or ``None``."""
+
+    def apply(self, base: Tensor, scale: float) -> Tensor:
+        """``base + scale · Δ`` with gradient to the adapter (unfused forwards)."""
+
+
+Scaled = tuple[TensorDelta, float]
 
 
 @dataclasses.dataclass(frozen=True)
 class _SavedEntries:
     indices: Tensor
     values: Tensor
-
-
-_WORK: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-
-
-def work_buffer(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A reusable weight-sized work buffer (one per device and dtype, grown as needed).
-
-    Fresh allocations of weight-sized buffers cost more than the arithmetic (page faults), so
-    e.g. bf16 fusing accumulates in an fp32 buffer and rounds into the weight once. The content
-    is valid until the next call for the same device and dtype. Not thread-safe.
-    """
-    numel = math.prod(shape)
-    key = (torch.device(device), dtype)
-    buffer = _WORK.get(key)
-    if buffer is None or buffer.numel() < numel:
-        buffer = torch.empty(numel, dtype=dtype, device=device)
-        _WORK[key] = buffer
-    return buffer[:numel].view(shape)
-
-
-def fp32_scratch(shape: torch.Size, device: torch.device) -> Tensor:
-    """:func:`work_buffer` in fp32."""
-    return work_buffer(shape, torch.float32, device)
-
-
-def free_scratch() -> None:
-    """Release the work buffers."""
-    _WORK.clear()
 
 
 class WeightFusion:

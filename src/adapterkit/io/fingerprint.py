@@ -21,9 +21,9 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .layers import AdaptedModule
-from .state import get_state
-from .targeting import logical_modules
+from ..core.host import AdaptedModule, ModelHost
+from ..core.state import get_state
+from ..core.targeting import logical_modules
 
 SAMPLE_SIZE = 4096
 _GOLDEN = 2654435761  # Knuth's multiplicative hash: spreads consecutive i over [0, n)
@@ -59,10 +59,10 @@ def _base_parameters(model: nn.Module, path: str, module: nn.Module) -> Iterator
     """A logical module's base parameters: adapters left out, fused weights as their originals."""
     wrapper = get_state(model).wrappers.get(path)
     for name, param in module.named_parameters(recurse=False):
-        if name == "weight" and wrapper is not None and wrapper.fusion.is_fused:
-            param = wrapper.fusion.original(wrapper.weight)
-        yield name, param
+        yield name, param if wrapper is None else wrapper.original(name)  # fused tensors as their originals
     for child_name, child in module.named_children():
+        if isinstance(child, ModelHost):
+            continue
         if isinstance(child, AdaptedModule):
             child = child.base_layer
         for name, param in _base_parameters(model, f"{path}.{child_name}", child):
@@ -86,8 +86,9 @@ def _describe(module: nn.Module) -> dict[str, Any]:
 
 
 def weights_hash(model: nn.Module, targets: Sequence[str], full: bool) -> str:
-    """The combined hash of the targeted modules' parameters (all values, or the fixed sample)."""
-    modules = dict(logical_modules(model))
+    """The combined hash of the targeted modules' parameters (all values, or the fixed sample);
+    ``""`` names the whole model (model-level adapters)."""
+    modules = {"": model, **dict(logical_modules(model))}
     digest = tensor_digest if full else tensor_sample_digest
     total = hashlib.sha256()
     for path in sorted(targets):
@@ -98,7 +99,7 @@ def weights_hash(model: nn.Module, targets: Sequence[str], full: bool) -> str:
 def base_fingerprint(model: nn.Module, targets: Sequence[str], copies: Sequence[str] = ()) -> dict[str, Any]:
     """Fingerprint of the targeted base modules (copied modules are listed but not hashed:
     a freshly initialised head differs on every run)."""
-    modules = dict(logical_modules(model))
+    modules = {"": model, **dict(logical_modules(model))}
     return {
         "name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__,
         "modules": {path: _describe(modules[path]) for path in sorted(targets)},

@@ -4,28 +4,32 @@ Two kinds of adapter share one wrapper:
 
 * :class:`DeltaLayer` — a weight delta ΔW (LoRA, DyLoRA, SHiRA, sparse masks). Unfused it adds
   ``ΔW x`` to the base output; fused it is folded into the base weight and removed exactly.
+  A delta may change several tensors of its module (weight *and* bias, an embedding table, a
+  LayerNorm's scale): :meth:`DeltaLayer.delta_tensors` names them and :meth:`DeltaLayer.part`
+  gives the fusing interface for each.
 * :class:`ModuleLayer` — an inserted module that transforms the base output (bottleneck
   adapters); it cannot be folded into weights.
+* :class:`ModelLayer` — a model-level adapter, not tied to one module: it rewrites the model's
+  inputs and/or outputs (prompt tokens, heads living beside the frozen model).
 
 :class:`ModuleCopy` (PEFT's ``modules_to_save``) is a full trainable copy of a small module, such
 as a classifier head, that replaces the base module while its adapter is active.
 
-The wrapper keeps the original module as ``base_layer`` and its adapters in an ``nn.ModuleList``;
-adapter names live on the layer objects, never in tensor keys.
+The hosts that run these layers inside a model live in :mod:`adapterkit.core.host`.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from .errors import BaseModelMismatchError, CorruptFileError
-from .fusion import WeightFusion
+from ..errors import BaseModelMismatchError, CorruptFileError
+from .fusion import TensorDelta
 from .quantization import Quantizer
+from .workspace import Workspace
 
 
 class AdapterLayer(nn.Module):
@@ -39,6 +43,15 @@ class AdapterLayer(nn.Module):
         super().__init__()
         self.adapter_name = adapter_name
         self.quantizers: dict[str, Quantizer] = {}
+        self.workspace: Workspace | None = None  # the model's, set when the layer is hosted
+
+    def scratch(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A reusable work buffer from the model's :class:`~adapterkit.core.workspace.Workspace`
+        (a fresh tensor for a layer not inside a model)."""
+        workspace = self.workspace
+        if workspace is None:
+            return torch.empty(shape, dtype=dtype, device=device)
+        return workspace.buffer(shape, dtype, device)
 
     def quantizable(self) -> list[str]:
         """Parameters that become low-bit with ``bits < 32``: every matrix (biases stay fp32)."""
@@ -83,7 +96,29 @@ class AdapterLayer(nn.Module):
 
 
 class DeltaLayer(AdapterLayer):
-    """An adapter that is a weight delta ΔW of the base module's ``weight``."""
+    """An adapter that is a delta of base tensors: by default ΔW of the module's ``weight``.
+
+    A single-weight delta implements :meth:`delta_output` and :meth:`add_to_weight` (and
+    optionally the faster paths below). A delta over several tensors names them in
+    :meth:`delta_tensors` and returns a :class:`~adapterkit.core.fusion.TensorDelta` for each
+    from :meth:`part`; unfused, the module then runs on ``base + scale · Δ`` tensors
+    (:meth:`TensorDelta.apply`), so no ``delta_output`` is needed.
+    """
+
+    def delta_tensors(self) -> tuple[str, ...]:
+        """Names of the base module's parameters this delta changes."""
+        return ("weight",)
+
+    def part(self, tensor: str) -> TensorDelta:
+        """The fusing interface for base tensor ``tensor`` (the layer itself for ``weight``)."""
+        if tensor != "weight":
+            raise KeyError(tensor)
+        return self
+
+    def output_delta(self) -> bool:
+        """Whether the unfused forward adds :meth:`delta_output` to the base output (else it
+        runs the module on adapted tensors)."""
+        return self.delta_tensors() == ("weight",) and type(self).delta_output is not DeltaLayer.delta_output
 
     def delta_output(self, x: Tensor, scale: float) -> Tensor:
         """``scale · ΔW x`` computed without materialising ΔW (used when unfused)."""
@@ -113,6 +148,15 @@ class DeltaLayer(AdapterLayer):
         self.add_to_weight(weight, 1.0)
         return weight
 
+    def apply(self, base: Tensor, scale: float) -> Tensor:
+        """``base + scale · ΔW`` with gradient to the adapter (the generic unfused path)."""
+        return base + scale * self.dense_delta(base)
+
+    def dense_delta(self, base: Tensor) -> Tensor:
+        """ΔW as a dense tensor shaped like ``base``, differentiable; only needed by deltas that
+        do not implement :meth:`delta_output`."""
+        raise NotImplementedError
+
     def forward_with_base(self, base: nn.Module, x: Tensor, scale: float) -> Tensor:
         """``base(x) + scale · ΔW x`` in one step. Optional: a method overrides it when that is
         cheaper than the two parts (used when this is the only active delta of the module)."""
@@ -125,6 +169,21 @@ class ModuleLayer(AdapterLayer):
     def adapt(self, inputs: Tensor, output: Tensor, scale: float) -> Tensor:
         """The new output, given the wrapped module's input and (possibly already adapted) output."""
         raise NotImplementedError
+
+
+class ModelLayer(AdapterLayer):
+    """A model-level adapter: runs around the whole model's forward instead of one module's.
+
+    :meth:`before` may rewrite the call's arguments (e.g. prepend prompt embeddings and extend the
+    attention mask and labels), :meth:`after` the output; both default to no change. A layer may
+    also just hold new modules (a head beside the frozen model) that applications call.
+    """
+
+    def before(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], scale: float) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return args, kwargs
+
+    def after(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, scale: float) -> Any:
+        return output
 
 
 class ModuleCopy(AdapterLayer):
@@ -164,84 +223,3 @@ def _check_and_copy(own: Mapping[str, Tensor], tensors: Mapping[str, Tensor], wh
     with torch.no_grad():
         for key, target in own.items():
             target.copy_(tensors[key])
-
-
-@dataclasses.dataclass(frozen=True)
-class ForwardPlan:
-    """What the wrapper runs on each forward, precomputed whenever activation changes."""
-
-    replacement: ModuleCopy | None = None
-    deltas: tuple[tuple[DeltaLayer, float], ...] = ()
-    modules: tuple[tuple[ModuleLayer, float], ...] = ()
-    solo: tuple[DeltaLayer, float] | None = None  # the only delta, with its own combined forward
-
-
-class AdaptedModule(nn.Module):
-    """Hosts adapters around one base module (kept unchanged as ``base_layer``)."""
-
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.adapters = nn.ModuleList()
-        self.plan = ForwardPlan()
-        self.fusion = WeightFusion()
-
-    # -- membership -------------------------------------------------------------------------
-    def layer(self, adapter_name: str) -> AdapterLayer | None:
-        """The layer of ``adapter_name`` at this module, if any."""
-        for layer in self.adapters:
-            if layer.adapter_name == adapter_name:
-                return layer
-        return None
-
-    def add(self, layer: AdapterLayer) -> None:
-        self.adapters.append(layer)
-
-    def remove(self, adapter_name: str) -> None:
-        for index, layer in enumerate(self.adapters):
-            if layer.adapter_name == adapter_name:
-                del self.adapters[index]
-                return
-
-    # -- activation -------------------------------------------------------------------------
-    def set_plan(self, active: tuple[tuple[str, float], ...], fused: frozenset[str]) -> None:
-        """Rebuild the forward plan for the active adapters; fused deltas are skipped."""
-        replacement, deltas, modules = None, [], []
-        for name, weight in active:
-            layer = self.layer(name)
-            if layer is None:
-                continue
-            if isinstance(layer, ModuleCopy):
-                replacement = layer
-            elif isinstance(layer, DeltaLayer):
-                if name not in fused:
-                    deltas.append((layer, weight))
-            elif isinstance(layer, ModuleLayer):
-                modules.append((layer, weight))
-        solo = None
-        if replacement is None and len(deltas) == 1:
-            overridden = type(deltas[0][0]).forward_with_base is not DeltaLayer.forward_with_base
-            solo = deltas[0] if overridden else None
-        self.plan = ForwardPlan(replacement, tuple(deltas), tuple(modules), solo)
-
-    @property
-    def weight(self) -> Tensor:
-        """The base module's weight (the tensor weight deltas are fused into)."""
-        return self.base_layer.weight
-
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
-        plan = self.plan
-        if plan.solo is not None:
-            out = plan.solo[0].forward_with_base(self.base_layer, x, plan.solo[1])
-        else:
-            module = plan.replacement if plan.replacement is not None else self.base_layer
-            out = module(x, *args, **kwargs)
-            for layer, scale in plan.deltas:
-                out = out + layer.delta_output(x, scale)
-        for layer, scale in plan.modules:
-            out = layer.adapt(x, out, scale)
-        return out
-
-    def extra_repr(self) -> str:
-        names = [l.adapter_name for l in self.adapters]
-        return f"adapters={names}"

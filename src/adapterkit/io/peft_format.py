@@ -17,8 +17,8 @@ from typing import Any, ClassVar, Mapping
 
 from torch import Tensor
 
-from .config import AdapterConfig
-from .errors import CorruptFileError, UnsupportedError
+from ..core.config import AdapterConfig
+from ..errors import CorruptFileError, UnsupportedError
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"

@@ -14,9 +14,11 @@ from typing import Any, Sequence
 
 from transformers import Trainer, TrainerCallback
 
-from .api import adapters
-from .artefact import save
-from .training import FrozenNormStatistics, step
+from ..core.api import adapters
+from ..io.artefact import save
+from ..core.steps import step
+from ..methods.mosa.consistency import two_pass_loss
+from .loop import FrozenNormStatistics
 
 
 class StepCallback(TrainerCallback):
@@ -66,3 +68,13 @@ class AdapterTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         for name in self.adapter_names or adapters(model):
             save(model, directory / name, name, format=self.save_format)
+
+
+class MoSATrainer(AdapterTrainer):
+    """An :class:`~adapterkit.AdapterTrainer` whose loss is :func:`two_pass_loss` (per-step
+    module choice comes from the :class:`~adapterkit.StepCallback` it already has)."""
+
+    def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+        if return_outputs:  # evaluation: merged weights, one pass
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return two_pass_loss(model, inputs)

@@ -17,8 +17,8 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from .layers import DeltaLayer
-from .state import get_state
+from ..core.layers import DeltaLayer
+from ..core.state import get_state
 
 
 def _product(a: Tensor, b: Tensor) -> Tensor:

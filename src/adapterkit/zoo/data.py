@@ -19,7 +19,7 @@ import tarfile
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import ConfigError, DataNotFoundError
+from ..errors import ConfigError, DataNotFoundError
 
 VADER_VERSION = "3.3.2"
 VADER_SDIST = f"vaderSentiment-{VADER_VERSION}.tar.gz"

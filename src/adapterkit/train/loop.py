@@ -9,16 +9,25 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .data import LabelledTexts
-from .state import active_records
+from ..core.outputs import loss_of, logits_of
+from ..core.steps import step
 
 Batch = Mapping[str, Tensor]
+
+
+class LabelledTexts(Protocol):
+    """Texts with one integer label each (e.g. :class:`adapterkit.zoo.data.LabelledTexts`)."""
+
+    texts: Sequence[str]
+    labels: Sequence[int]
+
+    def __len__(self) -> int: ...
 
 
 class TextBatches:
@@ -66,32 +75,6 @@ class TextBatches:
             batch = self.tokenizer.pad([self.features[i] for i in idx], return_tensors="pt")
             batch["labels"] = torch.tensor([self.labels[i] for i in idx])
             yield dict(batch)
-
-
-def loss_of(output: Any) -> Tensor:
-    """The loss in a model's output: a scalar tensor, a ``"loss"`` key or attribute, or the first element."""
-    if isinstance(output, Tensor) and output.dim() == 0:
-        return output
-    if isinstance(output, Mapping):
-        return output["loss"]
-    return output.loss if hasattr(output, "loss") else output[0]
-
-
-def logits_of(output: Any) -> Tensor:
-    """The logits in a model's output: a ``"logits"`` key or attribute, or the second element."""
-    if isinstance(output, Mapping):
-        return output["logits"]
-    return output.logits if hasattr(output, "logits") else output[1]
-
-
-def step(model: nn.Module) -> None:
-    """Start an optimizer step: adapters with per-step randomness draw it now (DyLoRA samples a
-    rank, ...). Call it once per optimizer step, before the step's first forward; every
-    micro-batch of a gradient-accumulated step then shares the draw. :func:`train` and
-    :class:`~adapterkit.trainer.AdapterTrainer` (or :class:`~adapterkit.trainer.StepCallback`
-    in any ``Trainer``) call it for you."""
-    for state, record in active_records(model):
-        record.method.on_step(record.config, [layer for _, layer in state.layers(record.name)])
 
 
 class FrozenNormStatistics:

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .errors import CorruptFileError, MissingFileError, NonFiniteWeightsError, UnsafeFileError
+from ..errors import CorruptFileError, MissingFileError, NonFiniteWeightsError, UnsafeFileError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 COMPOSITION_FILE = "composition.json"
 

@@ -7,9 +7,12 @@ from typing import Iterator
 
 from torch import nn
 
+from .workspace import Workspace
+
 from .config import AdapterConfig
-from .errors import AdapterNotFoundError
-from .layers import AdaptedModule, AdapterLayer, DeltaLayer, ModuleCopy
+from ..errors import AdapterNotFoundError
+from .host import AdaptedModule, ModelHost
+from .layers import AdapterLayer, DeltaLayer, ModuleCopy
 from .registry import AdapterMethod
 
 STATE_ATTR = "adapterkit_state"
@@ -45,6 +48,26 @@ class ModelState:
     active: Weighted = ()
     fused: Weighted = ()
     fused_exact: bool = True
+    model_host: ModelHost | None = None  # model-level adapters (module path "")
+    workspace: Workspace = dataclasses.field(default_factory=Workspace)  # scratch shared by every layer
+
+    def fields(self) -> dict[str, object]:
+        """A shallow copy of every field (containers copied), for :meth:`set_fields`."""
+        return {f.name: (dict(v) if isinstance(v := getattr(self, f.name), dict) else v) for f in dataclasses.fields(self)}
+
+    def set_fields(self, values: dict[str, object]) -> None:
+        for name, value in values.items():
+            setattr(self, name, dict(value) if isinstance(value, dict) else value)
+
+    def host(self, path: str) -> AdaptedModule | ModelHost:
+        """The host of module ``path`` (``""``: the model-level host)."""
+        if path == "":
+            assert self.model_host is not None
+            return self.model_host
+        return self.wrappers[path]
+
+    def hosts(self) -> list[AdaptedModule | ModelHost]:
+        return [*self.wrappers.values(), *([self.model_host] if self.model_host is not None else [])]
 
     def record(self, name: str) -> AdapterRecord:
         try:
@@ -56,14 +79,14 @@ class ModelState:
     def layers(self, name: str) -> Iterator[tuple[str, AdapterLayer]]:
         """``(module name, layer)`` for every layer of adapter ``name``."""
         for path in self.record(name).modules:
-            layer = self.wrappers[path].layer(name)
+            layer = self.host(path).layer(name)
             assert layer is not None
             yield path, layer
 
     def refresh_plans(self) -> None:
         fused = frozenset(name for name, _ in self.fused)
-        for wrapper in self.wrappers.values():
-            wrapper.set_plan(self.active, fused)
+        for host in self.hosts():
+            host.set_plan(self.active, fused)
 
 
 def peek_state(model: nn.Module) -> ModelState | None:
@@ -98,6 +121,10 @@ def ensure_state(model: nn.Module) -> ModelState:
         state = ModelState()
         setattr(model, STATE_ATTR, state)
     return state
+
+
+def set_state(model: nn.Module, state: ModelState) -> None:
+    setattr(model, STATE_ATTR, state)
 
 
 def drop_state(model: nn.Module) -> None:

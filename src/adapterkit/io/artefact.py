@@ -18,12 +18,12 @@ from typing import Any, Mapping
 
 from torch import Tensor, nn
 
-from . import quantization
-from ._version import __version__
-from .api import PreparedAdapter, activate, active_adapters, adapters, commit, detach, prepare
-from .api import fuse as fuse_adapters
-from .composition import COMPOSITION_FILE, Stack
-from .errors import (
+from ..core import quantization
+from .._version import __version__
+from ..core.api import PreparedAdapter, activate, active_adapters, adapters, commit, detach, prepare
+from ..core.api import fuse as fuse_adapters
+from ..core.composition import COMPOSITION_FILE, Stack
+from ..errors import (
     AdapterError,
     DuplicateAdapterError,
     BaseModelMismatchError,
@@ -35,11 +35,11 @@ from .errors import (
 )
 from .fingerprint import base_fingerprint, weights_hash
 from .peft_format import CONFIG_FILE, WEIGHTS_FILE as PEFT_WEIGHTS_FILE, join_keys, split_keys
-from .registry import get_method, method_for, registered_methods
+from ..core.registry import get_method, method_for, registered_methods
 from .safefiles import check_finite, read_json, read_metadata, read_tensors, write_json, write_tensors
-from .layers import AdapterLayer
-from .state import AdapterRecord, get_state
-from .targeting import is_module_to_save, logical_modules
+from ..core.layers import AdapterLayer
+from ..core.state import AdapterRecord, get_state
+from ..core.targeting import is_module_to_save, logical_modules
 
 FORMAT = "adapterkit"
 FORMAT_VERSION = 1

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from .errors import ConfigError, CorruptFileError
+from ..errors import ConfigError, CorruptFileError
 
 BITS = (1, 2, 4, 8, 32)
 METHODS = ("gaussian_median", "sign_mean")

@@ -18,8 +18,8 @@ from typing import Iterator
 from torch import nn
 
 from .config import AdapterConfig
-from .errors import TargetError
-from .layers import AdaptedModule
+from ..errors import TargetError
+from .host import AdaptedModule, ModelHost
 
 ALL_LINEAR = "all-linear"
 
@@ -31,6 +31,8 @@ def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     def walk(prefix: str, module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         for child_name, child in module.named_children():
             name = f"{prefix}.{child_name}" if prefix else child_name
+            if isinstance(child, ModelHost):
+                continue  # model-level adapters are not part of the model the user targets
             if isinstance(child, AdaptedModule):
                 yield name, child.base_layer
                 yield from walk(name, child.base_layer)
@@ -55,10 +57,13 @@ def physical_path(model: nn.Module, path: str) -> str:
     return ".".join(parts)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 ``Conv1D``: a linear layer with its weight stored ``in × out``."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
 def _is_linear(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
-        return True
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")  # transformers' GPT-2 layer
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def _matches(spec: str | tuple[str, ...], name: str) -> bool:

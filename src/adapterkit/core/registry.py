@@ -10,12 +10,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 from torch import nn
 
-from .errors import ConfigError, UnknownMethodError
+from ..errors import ConfigError, UnknownMethodError
+from .targeting import select_modules
 
 if TYPE_CHECKING:
     from .config import AdapterConfig
     from .layers import AdapterLayer
-    from .peft_format import PeftCodec
+    from ..io.peft_format import PeftCodec
 
 
 class AdapterMethod:
@@ -31,15 +32,23 @@ class AdapterMethod:
     peft: ClassVar["PeftCodec | None"] = None
 
     def supports(self, module: nn.Module) -> bool:
-        """Whether this method can adapt ``module`` (e.g. only ``nn.Linear``)."""
+        """Whether this method can adapt ``module`` (e.g. only ``nn.Linear``; ``""`` names the
+        model itself for model-level adapters)."""
         raise NotImplementedError
+
+    def select(self, model: nn.Module, config: "AdapterConfig") -> tuple[list[str], list[str]]:
+        """The module paths to adapt and to copy (``modules_to_save``). By default the config's
+        PEFT matching rules; a model-level method returns ``[""]`` (the model itself)."""
+        return select_modules(model, config)
 
     def setup(self, model: nn.Module, config: "AdapterConfig", adapter_name: str,
               targets: dict[str, nn.Module], **options: Any) -> Any:
         """Model-wide work before the layers are built, e.g. calibration gradients for a mask.
 
         ``options`` are the extra keyword arguments of :func:`adapterkit.attach`. The returned
-        context is handed to :meth:`create_layer`. It must not change the model.
+        context is handed to :meth:`create_layer`. It may run a procedure on the model (train
+        it to choose a mask, distil a teacher): the core restores the model bit-identical after
+        ``setup`` returns or raises, so only the returned context carries results.
         """
         if options:
             raise ConfigError(f"method {self.name!r} takes no attach options, got {sorted(options)}")
@@ -79,6 +88,14 @@ _METHODS: dict[str, AdapterMethod] = {}
 def register_method(method_class: type[AdapterMethod]) -> type[AdapterMethod]:
     """Class decorator: register an :class:`AdapterMethod` under its ``name``."""
     method = method_class()
+    if not isinstance(getattr(method, "name", None), str) or not method.name:
+        raise ConfigError(f"{method_class.__name__} needs a non-empty string 'name'")
+    if method.name in _METHODS:
+        raise ConfigError(f"an adapter method named {method.name!r} is already registered "
+                          f"({type(_METHODS[method.name]).__name__})")
+    owner = next((m for m in _METHODS.values() if m.config_class is method.config_class), None)
+    if owner is not None:
+        raise ConfigError(f"config class {method.config_class.__name__} already belongs to method {owner.name!r}")
     _METHODS[method.name] = method
     method.config_class.method = method.name
     return method_class

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import warnings
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -16,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .composition import Stack
 from .config import AdapterConfig
-from .errors import (
+from ..errors import (
     AdapterError,
     BaseModelMismatchError,
     ConfigError,
@@ -27,11 +29,12 @@ from .errors import (
     TargetError,
     UnsupportedError,
 )
-from .fusion import free_scratch
-from .layers import AdaptedModule, AdapterLayer, DeltaLayer, ModuleCopy
+from .host import AdaptedModule, ModelHost
+from .layers import AdapterLayer, DeltaLayer, ModuleCopy
 from .registry import method_for
 from .state import AdapterRecord, ModelState, Weighted, drop_state, ensure_state, get_state, is_fusable
-from .targeting import logical_modules, physical_path, select_modules
+from .snapshot import ModelSnapshot
+from .targeting import logical_modules, physical_path
 
 Names = str | Sequence[str] | None
 
@@ -42,6 +45,19 @@ class PreparedAdapter:
 
     record: AdapterRecord
     layers: dict[str, AdapterLayer]
+
+
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
+RESERVED_NAMES = frozenset(dir(nn.ModuleDict))
+
+
+def check_adapter_name(name: object) -> None:
+    """Adapter names become module keys and directory names: letters, digits, ``_`` and ``-``
+    (no ``.``, path separators, NUL or spaces), at most 100 characters."""
+    if not isinstance(name, str) or not NAME.fullmatch(name) or len(name) > 100 or name in RESERVED_NAMES:
+        raise ConfigError(
+            f"invalid adapter name {name!r}: use 1-100 letters, digits, '_' or '-' (not starting with '-'), "
+            "and not a name of nn.ModuleDict's own attributes")
 
 
 def prepare(
@@ -58,8 +74,7 @@ def prepare(
     built empty, to receive saved tensors); otherwise the config's matching rules select them
     and ``options`` go to the method's :meth:`~adapterkit.AdapterMethod.setup`.
     """
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f"adapter name must be a non-empty string, got {name!r}")
+    check_adapter_name(name)
     if not isinstance(config, AdapterConfig):
         raise ConfigError(f"expected an adapter config such as ak.LoRAConfig, got {type(config).__name__}")
     state = get_state(model)
@@ -68,8 +83,8 @@ def prepare(
     method = method_for(config)
     explicit = targets is not None
     if not explicit:
-        targets, copies = select_modules(model, config)
-    modules = dict(logical_modules(model))
+        targets, copies = method.select(model, config)
+    modules = {"": model, **dict(logical_modules(model))}
     layers: dict[str, AdapterLayer] = {}
     for path in list(targets) + list(copies or ()):
         if path not in modules:
@@ -86,7 +101,10 @@ def prepare(
             for path in targets:
                 layers[path] = method.empty_layer(config, name, path, modules[path])
     else:
-        context = method.setup(model, config, name, {path: modules[path] for path in targets}, **(options or {}))
+        # a setup may run a procedure on the model (e.g. train it to choose a mask): the model
+        # comes back bit-identical whatever the procedure did
+        with ModelSnapshot(model):
+            context = method.setup(model, config, name, {path: modules[path] for path in targets}, **(options or {}))
         extra = () if context is None else (context,)  # methods without setup need not take a context
         for path in targets:
             layers[path] = method.create_layer(config, name, path, modules[path], *extra)
@@ -106,19 +124,29 @@ def _replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _host_for(model: nn.Module, state: ModelState, path: str) -> AdaptedModule | ModelHost:
+    """The host of module ``path``, created (and put into the model) on first use."""
+    if path == "":
+        if state.model_host is None:
+            state.model_host = ModelHost(model, state.workspace)
+            model.add_module(ModelHost.CHILD, state.model_host)
+        return state.model_host
+    wrapper = state.wrappers.get(path)
+    if wrapper is None:
+        base = model.get_submodule(physical_path(model, path))
+        wrapper = AdaptedModule(base, state.workspace).train(base.training)
+        _replace_module(model, path, wrapper)
+        state.wrappers[path] = wrapper
+    return wrapper
+
+
 def commit(model: nn.Module, prepared: PreparedAdapter) -> None:
     """Insert a prepared adapter into the model (cannot fail on valid input)."""
     state = ensure_state(model)
     record = prepared.record
     for path, layer in prepared.layers.items():
-        wrapper = state.wrappers.get(path)
-        if wrapper is None:
-            base = model.get_submodule(physical_path(model, path))
-            wrapper = AdaptedModule(base).train(base.training)
-            _replace_module(model, path, wrapper)
-            state.wrappers[path] = wrapper
-        wrapper.add(layer.train(wrapper.base_layer.training))
-    adapter_params = {id(p) for w in state.wrappers.values() for p in w.adapters.parameters()}
+        _host_for(model, state, path).add(layer.train(model.training if path == "" else state.wrappers[path].base_layer.training))
+    adapter_params = {id(p) for host in state.hosts() for p in host.adapters.parameters()}
     for param in model.parameters():
         if id(param) not in adapter_params:
             param.requires_grad_(False)
@@ -184,7 +212,7 @@ def _weighted(state: ModelState, names: Names, weights: Sequence[float] | None) 
 def _check_replacements(state: ModelState, active: Weighted) -> None:
     names = {name for name, _ in active}
     for path, wrapper in state.wrappers.items():
-        copies = [l.adapter_name for l in wrapper.adapters if isinstance(l, ModuleCopy) and l.adapter_name in names]
+        copies = [l.adapter_name for l in wrapper.adapters.values() if isinstance(l, ModuleCopy) and l.adapter_name in names]
         if len(copies) > 1:
             raise AdapterError(f"adapters {copies} each replace module {path!r}; activate only one of them")
 
@@ -226,8 +254,8 @@ def _fuse_into_weights(state: ModelState, target: Weighted, exact: bool) -> None
             layer = wrapper.layer(name)
             if isinstance(layer, DeltaLayer):
                 deltas.append((layer, weight))
-        if deltas or wrapper.fusion.is_fused:
-            wrapper.fusion.set(wrapper.weight, deltas, exact)
+        if deltas or wrapper.is_fused:
+            wrapper.fuse(deltas, exact)
 
 
 def fuse(model: nn.Module, names: Names = None, weights: Sequence[float] | None = None, exact: bool = True) -> None:
@@ -267,12 +295,11 @@ def unfuse(model: nn.Module, free_memory: bool = False) -> None:
     """
     state = get_state(model)
     for wrapper in state.wrappers.values():
-        if wrapper.fusion.is_fused:
-            wrapper.fusion.restore(wrapper.weight)
+        wrapper.restore()
         if free_memory:
-            wrapper.fusion.free_memory()
+            wrapper.free_memory()
     if free_memory:
-        free_scratch()
+        state.workspace.free()
     state.fused = ()
     state.refresh_plans()
 
@@ -299,11 +326,16 @@ def detach(model: nn.Module, name: str) -> None:
         _fuse_into_weights(state, remaining, state.fused_exact)
         state.fused = remaining
     for path in record.modules:
-        wrapper = state.wrappers[path]
-        wrapper.remove(name)
-        if len(wrapper.adapters) == 0:
-            _replace_module(model, path, wrapper.base_layer)
-            del state.wrappers[path]
+        host = state.host(path)
+        host.remove(name)
+        if len(host.adapters) == 0:
+            if isinstance(host, ModelHost):
+                host.close()
+                delattr(model, ModelHost.CHILD)
+                state.model_host = None
+            else:
+                _replace_module(model, path, host.base_layer)
+                del state.wrappers[path]
     del state.adapters[name]
     state.active = tuple((n, w) for n, w in state.active if n != name)
     state.refresh_plans()
@@ -311,7 +343,12 @@ def detach(model: nn.Module, name: str) -> None:
         drop_state(model)
 
 
-def merge(model: nn.Module, name: str, **options: Any) -> None:
+def bases_of(model: nn.Module, state: ModelState, paths: Sequence[str]) -> dict[str, nn.Module]:
+    """The unadapted modules at ``paths`` (``""``: the model)."""
+    return {path: model if path == "" else state.wrappers[path].base_layer for path in paths}
+
+
+def to_plain(model: nn.Module, name: str, **options: Any) -> None:
     """Replace adapter ``name`` in place by its plain equivalent (the form :func:`adapterkit.export`
     writes): a MoSA adapter becomes the average of its sparse modules, a plain adapter of the
     base method with the same shapes; a DyLoRA adapter becomes a LoRA at ``rank=``. The new
@@ -319,18 +356,23 @@ def merge(model: nn.Module, name: str, **options: Any) -> None:
     state = get_state(model)
     record = state.record(name)
     if any(n == name for n, _ in state.fused):
-        raise FusedStateError(f"adapter {name!r} is fused; unfuse it before merging")
-    bases = {path: state.wrappers[path].base_layer for path in record.targets}
+        raise FusedStateError(f"adapter {name!r} is fused; unfuse it before converting it")
+    bases = bases_of(model, state, record.targets)
     config, layers = record.method.portable(record.config, dict(state.layers(name)), bases, **options)
     if config is record.config:
-        raise UnsupportedError(f"adapter {name!r} ({record.method.name}) is already plain; there is nothing to merge")
+        raise UnsupportedError(f"adapter {name!r} ({record.method.name}) is already plain; there is nothing to convert")
     for path, layer in layers.items():
-        wrapper = state.wrappers[path]
-        index = next(i for i, old in enumerate(wrapper.adapters) if old.adapter_name == name)
-        wrapper.adapters[index] = layer
+        state.host(path).add(layer)
     state.adapters[name] = dataclasses.replace(
         record, config=config, method=method_for(config), fusable=all(is_fusable(l) for l in layers.values()))
     state.refresh_plans()
+
+
+def merge(model: nn.Module, name: str, **options: Any) -> None:
+    """Deprecated alias of :func:`to_plain` (the name suggested merging into base weights,
+    which is :func:`fuse` / :func:`merge_and_unload`)."""
+    warnings.warn("ak.merge is deprecated; use ak.to_plain (same behaviour)", DeprecationWarning, stacklevel=2)
+    to_plain(model, name, **options)
 
 
 def quantize(model: nn.Module, name: str, bits: int, method: str = "gaussian_median") -> None:
@@ -383,5 +425,8 @@ def merge_and_unload(model: nn.Module, names: Names = None, weights: Sequence[fl
     for path, wrapper in list(state.wrappers.items()):
         replacement = wrapper.plan.replacement
         _replace_module(model, path, replacement.module if replacement is not None else wrapper.base_layer)
+    if state.model_host is not None:
+        state.model_host.close()
+        delattr(model, ModelHost.CHILD)
     drop_state(model)
     return model
