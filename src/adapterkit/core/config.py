@@ -39,6 +39,8 @@ class AdapterConfig:
     """
 
     method: ClassVar[str] = ""
+    #: False for model-level methods (prompt tokens, heads), which adapt the model as a whole
+    requires_targets: ClassVar[bool] = True
 
     target_modules: TargetSpec = None
     exclude_modules: TargetSpec = None
@@ -53,7 +55,7 @@ class AdapterConfig:
             object.__setattr__(self, field.name, _as_tuple(getattr(self, field.name)))
         if isinstance(self.layers_to_transform, int):
             object.__setattr__(self, "layers_to_transform", (self.layers_to_transform,))
-        if self.target_modules is None and not self.modules_to_save:
+        if self.requires_targets and self.target_modules is None and not self.modules_to_save:
             raise ConfigError(f"{type(self).__name__}: target_modules is required")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
