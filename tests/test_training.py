@@ -109,3 +109,26 @@ def test_plain_trainer_also_trains_only_the_adapter(tiny_bert, tmp_path):
     after = tiny_bert.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(".adapters." in k for k in changed)
+
+
+def test_adapter_trainer_resumes_from_a_checkpoint_exactly_where_an_uninterrupted_run_ends(tiny_bert, tmp_path):
+    """Regression: resume_from_checkpoint was not wired (the Trainer looked for full model weights)."""
+    from transformers import TrainingArguments
+
+    def run(model, output, epochs, resume=None):
+        ak.attach(model, ak.LoRAConfig(r=2, target_modules=["query", "value"], modules_to_save=["classifier"], init="random"), "task")
+        rows = [{"input_ids": b["input_ids"][i], "labels": b["labels"][i]} for b in _batches(4) for i in range(8)]
+        args = TrainingArguments(output_dir=str(output), per_device_train_batch_size=8, num_train_epochs=epochs,
+                                 learning_rate=1e-2, save_strategy="epoch", logging_strategy="no", report_to=[],
+                                 use_cpu=True, disable_tqdm=True, seed=3, data_seed=3)
+        ak.AdapterTrainer(model=model, args=args, train_dataset=_ListDataset(rows)).train(resume_from_checkpoint=resume)
+        return {k: v.clone() for k, v in model.state_dict().items() if ".adapters." in k}
+
+    fresh = copy.deepcopy(tiny_bert)
+    torch.manual_seed(11)
+    straight = run(tiny_bert, tmp_path / "a", epochs=2)
+    torch.manual_seed(12)  # a different init: only the checkpoint can make the runs agree
+    resumed = run(fresh, tmp_path / "b", epochs=2, resume=str(tmp_path / "a" / "checkpoint-4"))
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6)

@@ -14,7 +14,10 @@ from typing import Any, Sequence
 
 from transformers import Trainer, TrainerCallback
 
-from ..core.api import adapters
+from ..core.api import adapters, detach
+from ..core.state import get_state
+from ..errors import MissingFileError
+from ..io.artefact import load
 from ..io.artefact import save
 from ..core.steps import step
 from ..methods.mosa.consistency import two_pass_loss
@@ -43,6 +46,31 @@ class StepCallback(TrainerCallback):
             step(model)
 
 
+def load_values(model: Any, directory: Path, names: Sequence[str]) -> None:
+    """Copy the values saved under ``directory/<name>`` into the attached adapters ``names``.
+
+    Each file is loaded (and validated) as a temporary adapter first; only then are values
+    copied, so a bad checkpoint changes nothing.
+    """
+    missing = [name for name in names if not (directory / name).is_dir()]
+    if missing:
+        raise MissingFileError(f"{directory} holds no saved adapter(s) {missing}")
+    state = get_state(model)
+    active = list(state.active)
+    loaded = []
+    try:
+        for name in names:
+            loaded.append((name, load(model, directory / name, f"_resume_{name}")))
+        for name, temporary in loaded:
+            for path, source in state.layers(temporary):
+                state.host(path).layer(name).load_state_dict(source.state_dict())
+    finally:
+        for _, temporary in loaded:
+            detach(model, temporary)
+        state.active = tuple(active)
+        state.refresh_plans()
+
+
 class AdapterTrainer(Trainer):
     """A ``Trainer`` whose checkpoints hold only adapters, one sub-directory per adapter.
 
@@ -50,9 +78,9 @@ class AdapterTrainer(Trainer):
         adapter_names: which adapters to save (default: all attached ones).
         save_format: ``"adapterkit"`` or ``"peft"``.
 
-    Checkpoints hold no base weights, so ``resume_from_checkpoint`` and
-    ``load_best_model_at_end`` are not wired in: load the wanted checkpoint's adapters with
-    :func:`adapterkit.load` (or ``ak.detach`` + ``ak.load``) before training or evaluating.
+    ``resume_from_checkpoint`` and ``load_best_model_at_end`` work: the checkpoint's adapter
+    values are copied into the attached adapters of the same names, in place (the parameter
+    objects stay, so the optimizer state the Trainer restores lines up with them).
     """
 
     def __init__(self, *args: Any, adapter_names: Sequence[str] | None = None, save_format: str = "adapterkit", **kwargs: Any) -> None:
@@ -68,6 +96,14 @@ class AdapterTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         for name in self.adapter_names or adapters(model):
             save(model, directory / name, name, format=self.save_format)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        load_values(model, Path(resume_from_checkpoint), self.adapter_names or adapters(model))
+
+    def _load_best_model(self) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        load_values(model, Path(self.state.best_model_checkpoint), self.adapter_names or adapters(model))
 
 
 class MoSATrainer(AdapterTrainer):

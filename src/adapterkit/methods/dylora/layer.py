@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..lora import LoRALayer
@@ -49,15 +48,10 @@ class DyLoRALayer(LoRALayer):
             b = torch.cat([b[:, : rank - 1].detach(), b[:, rank - 1:]], dim=1)
         return a, b
 
-    def delta_output(self, x: Tensor, scale: float) -> Tensor:
-        rank = self.rank_in_use
+    def factors(self, for_fusing: bool = False) -> tuple[Tensor, Tensor, float]:
+        rank = self.eval_rank if for_fusing else self.rank_in_use
         a, b = self.truncated(rank)
-        h = self.dropout(x.to(a.dtype))
-        return (F.linear(F.linear(h, a), b) * (self.config.scale_at(rank) * scale)).to(x.dtype)
-
-    def _factors(self) -> tuple[Tensor, Tensor]:
-        a, b = self.weight_of("lora_A")[: self.eval_rank], self.weight_of("lora_B")[:, : self.eval_rank]
-        return (a.t(), b.t()) if self.transposed else (b, a)
+        return a, b, self.config.scale_at(rank)
 
     def extra_repr(self) -> str:
         return (f"adapter={self.adapter_name!r}, r_max={self.config.r_max}, train_rank={self.train_rank}, "

@@ -61,29 +61,35 @@ class LoRALayer(DeltaLayer):
     def rank(self) -> int:
         return self.lora_A.shape[0]
 
+    def factors(self, for_fusing: bool = False) -> tuple[Tensor, Tensor, float]:
+        """``(A, B, scaling)`` as the unfused forward uses them, or (``for_fusing``) as they are
+        folded into the weight. Variants (DyLoRA's truncation, MoSA's merge) override only this."""
+        return self.weight_of("lora_A"), self.weight_of("lora_B"), self.scaling
+
     def delta_output(self, x: Tensor, scale: float) -> Tensor:
-        a, b = self.weight_of("lora_A"), self.weight_of("lora_B")
+        a, b, scaling = self.factors()
         h = self.dropout(x.to(a.dtype))
         if self.conv is not None:
-            return (F.conv2d(F.conv2d(h, a, None, *self.conv), b) * (self.scaling * scale)).to(x.dtype)
-        return (F.linear(F.linear(h, a), b) * (self.scaling * scale)).to(x.dtype)
+            return (F.conv2d(F.conv2d(h, a, None, *self.conv), b) * (scaling * scale)).to(x.dtype)
+        return (F.linear(F.linear(h, a), b) * (scaling * scale)).to(x.dtype)
 
-    def _factors(self) -> tuple[Tensor, Tensor]:
+    def _gemm_factors(self) -> tuple[Tensor, Tensor, float]:
         # ΔW = B @ A for an (out × in) weight; a Conv1D weight is (in × out), so ΔWᵀ = Aᵀ @ Bᵀ;
         # a conv weight (out × in × kh × kw) is updated through its (out × in·kh·kw) view.
-        a, b = self.weight_of("lora_A"), self.weight_of("lora_B")
+        a, b, scaling = self.factors(for_fusing=True)
+        a, b = a.detach(), b.detach()
         if self.transposed:
-            return a.t(), b.t()
+            return a.t(), b.t(), scaling
         if self.conv is not None:
-            return b.flatten(1), a.flatten(1)
-        return b, a
+            return b.flatten(1), a.flatten(1), scaling
+        return b, a, scaling
 
     def add_to_weight(self, weight: Tensor, scale: float) -> None:
         self.write_from(weight, weight, scale)
 
     def write_from(self, weight: Tensor, source: Tensor, scale: float) -> None:
-        left, right = self._factors()
-        left, right, alpha = left.detach(), right.detach(), self.scaling * scale
+        left, right, scaling = self._gemm_factors()
+        alpha = scaling * scale
         in_place = source is weight
         if weight.dim() > 2:  # conv: the same GEMM on the flattened views
             weight, source = weight.view(weight.shape[0], -1), source.reshape(source.shape[0], -1)

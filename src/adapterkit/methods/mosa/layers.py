@@ -91,13 +91,8 @@ class MoSALoRALayer(_Splits, LoRALayer):
             return (matrix.merged() if merged else matrix.current(self.training))[0]
         return matrix
 
-    def delta_output(self, x: Tensor, scale: float) -> Tensor:
-        h = self.dropout(x.to(torch.float32))
-        return (F.linear(F.linear(h, self.factor("lora_A")), self.factor("lora_B")) * (self.scaling * scale)).to(x.dtype)
-
-    def _factors(self) -> tuple[Tensor, Tensor]:  # fusing uses the merged adapter
-        a, b = self.factor("lora_A", merged=True).detach(), self.factor("lora_B", merged=True).detach()
-        return (a.t(), b.t()) if self.transposed else (b, a)
+    def factors(self, for_fusing: bool = False) -> tuple[Tensor, Tensor, float]:  # fusing uses the merged adapter
+        return self.factor("lora_A", merged=for_fusing), self.factor("lora_B", merged=for_fusing), self.scaling
 
     def merged_state(self) -> dict[str, Tensor]:
         return {"lora_A": self.factor("lora_A", merged=True).detach(), "lora_B": self.factor("lora_B", merged=True).detach()}
