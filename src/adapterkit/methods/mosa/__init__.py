@@ -3,7 +3,7 @@
     ak.attach(model, ak.MoSAConfig(base=ak.BottleneckConfig(bottleneck=16, style="parallel",
                                                             target_modules=["mlp"]), n_modules=4), "task")
     ak.train(model, batches, loss_fn=ak.mosa.two_pass_loss)  # module choice per step and layer
-    ak.merge(model, "task")     # now a plain bottleneck adapter: the average of the modules
+    ak.to_plain(model, "task")  # now a plain bottleneck adapter: the average of the modules
 """
 
 from .config import MoSAConfig
