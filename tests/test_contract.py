@@ -95,6 +95,7 @@ def most_changed(model: nn.Module, targets: Mapping[str, nn.Module], batches: li
 class DiffMethod(ak.AdapterMethod):
     name = "test-sparse-diff"
     config_class = DiffConfig
+    setup_trains_model = True
 
     def supports(self, module: nn.Module) -> bool:
         return any(True for _ in module.parameters())

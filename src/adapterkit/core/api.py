@@ -103,7 +103,7 @@ def prepare(
     else:
         # a setup may run a procedure on the model (e.g. train it to choose a mask): the model
         # comes back bit-identical whatever the procedure did
-        with ModelSnapshot(model):
+        with ModelSnapshot(model, values=method.setup_trains_model):
             context = method.setup(model, config, name, {path: modules[path] for path in targets}, **(options or {}))
         extra = () if context is None else (context,)  # methods without setup need not take a context
         for path in targets:

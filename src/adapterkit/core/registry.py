@@ -30,6 +30,13 @@ class AdapterMethod:
     name: ClassVar[str]
     config_class: ClassVar[type["AdapterConfig"]]
     peft: ClassVar["PeftCodec | None"] = None
+    #: True when :meth:`setup` changes the model's values (trains it): the core then keeps a copy
+    #: of every parameter and buffer during setup to put back (otherwise only flags, module
+    #: objects and tensor objects are restored, which costs no memory)
+    setup_trains_model: ClassVar[bool] = False
+    #: AdamW learning rate :func:`adapterkit.train` (and ``adapterkit train``) use for this method's
+    #: adapters when no ``lr`` is given; chosen on validation in ``bench/results`` (see the README).
+    default_learning_rate: ClassVar[float] = 1e-3
 
     def supports(self, module: nn.Module) -> bool:
         """Whether this method can adapt ``module`` (e.g. only ``nn.Linear``; ``""`` names the
@@ -47,8 +54,9 @@ class AdapterMethod:
 
         ``options`` are the extra keyword arguments of :func:`adapterkit.attach`. The returned
         context is handed to :meth:`create_layer`. It may run a procedure on the model (train
-        it to choose a mask, distil a teacher): the core restores the model bit-identical after
-        ``setup`` returns or raises, so only the returned context carries results.
+        it to choose a mask, distil a teacher; set :attr:`setup_trains_model`): the core
+        restores the model bit-identical after ``setup`` returns or raises, so only the returned
+        context carries results.
         """
         if options:
             raise ConfigError(f"method {self.name!r} takes no attach options, got {sorted(options)}")
