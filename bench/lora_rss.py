@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from _timing import PeakRSS, rss_bytes, summary
-from lora_common import LIBS, Params, build_base, make_input, make_train_step, quiet_warnings, random_b_for_train
-from lora_libs import LIBRARIES
+from lora_common import FUSION_LIBS, LIBS, Params, build_base, make_input, make_train_step, quiet_warnings, random_b_for_train
+from lora_libs import FUSION_LIBRARIES
 
 RESULT_TAG = "__LORA_BENCH_RESULT__"
 MODES = ("train", "fuse")
@@ -51,8 +51,8 @@ def rss_worker(spec: dict[str, Any]) -> dict[str, Any]:
     fuse "a", switch to "b", switch back to "a" (the adapters are attached before the window)."""
     quiet_warnings()
     p = Params.from_dict(spec["params"])
-    setting, lib, mode = spec["setting"], LIBRARIES[spec["lib"]], spec["mode"]
-    __import__(lib.name)
+    setting, lib, mode = spec["setting"], FUSION_LIBRARIES[spec["lib"]], spec["mode"]
+    __import__(lib.module)
     warm_up_autograd()
     torch.manual_seed(p.seed)
     base = build_base(setting, p)
@@ -98,13 +98,15 @@ def run_rss(setting: str, lib: str, mode: str, p: Params) -> dict[str, Any]:
 
 
 def bench_rss(setting: str, mode: str, p: Params, runs: int) -> dict[str, Any]:
-    """``runs`` workers per library (alternating which goes first); peak RSS above baseline."""
-    raw: dict[str, list[dict[str, Any]]] = {lib: [] for lib in LIBS}
+    """``runs`` workers per library (alternating which goes first); peak RSS above baseline. Mode
+    "fuse" also measures adapterkit with ``exact=False``."""
+    libs = FUSION_LIBS if mode == "fuse" else LIBS
+    raw: dict[str, list[dict[str, Any]]] = {lib: [] for lib in libs}
     for i in range(runs):
-        for lib in LIBS if i % 2 == 0 else LIBS[::-1]:
+        for lib in libs if i % 2 == 0 else libs[::-1]:
             raw[lib].append(run_rss(setting, lib, mode, p))
     result: dict[str, Any] = {"unit": "bytes", "runs": runs}
-    for lib in LIBS:
+    for lib in libs:
         result[lib] = summary([r["delta"] for r in raw[lib]])
         result[lib]["held_after"] = summary([r["held"] for r in raw[lib]])["median"]
         result[lib]["baseline_rss"] = [r["baseline"] for r in raw[lib]]
@@ -115,8 +117,9 @@ def bench_rss(setting: str, mode: str, p: Params, runs: int) -> dict[str, Any]:
 def held_while_fused(fuse_rss: dict[str, Any]) -> dict[str, Any]:
     """The "rss_fuse_held" metric: RSS each library still holds after the fuse/switch window."""
     held: dict[str, Any] = {"unit": "bytes", "runs": fuse_rss["runs"]}
-    for lib in LIBS:
-        held[lib] = {"median": fuse_rss[lib]["held_after"]}
+    for lib in FUSION_LIBS:
+        if lib in fuse_rss:
+            held[lib] = {"median": fuse_rss[lib]["held_after"]}
     return held
 
 

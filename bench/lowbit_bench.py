@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import _tasks as T
+from _provenance import describe
 import torch
 from safetensors import safe_open
 
@@ -118,7 +119,7 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def markdown(report: dict) -> str:
     lines = ["# Low-bit adapters: accuracy and storage by precision", "",
-             f"- commit {report['meta']['adapterkit_commit'][:10]}, {report['meta']['date']}, "
+             f"- {describe(report['meta'])}, {report['meta']['date']}, "
              f"run time {report['run_s']:.0f} s, torch threads {report['meta']['machine']['torch_threads']}",
              "- text: MiniLM + VADER movies (2,000 train, 1 epoch, 1,000 test, seed 0); vision: EfficientNet-Lite0 + "
              "digits (20 per class, 32 px, 8 epochs, 500 test, 3 seeds: mean ± sd)",

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import _tasks as T
+from _provenance import describe
 
 LABELS = {"adapter": "Adapter (plain)", "mosa": "MoSA (N=4, cons. 1.0)", "mosa-nc": "MoSA (N=4, no cons.)",
           "lora": "LoRA (≈ params)"}
@@ -94,8 +95,8 @@ def markdown(report: dict[str, Any]) -> str:
     mode = cfg["mode"]
     methods = [m for m in cfg["methods"]]
     lines = [f"# Bottleneck adapter vs MoSA vs LoRA in the low-data regime{' (quick)' if cfg['quick'] else ''}", "",
-             f"`bench/mosa_bench.py`, {report['meta']['date']}, adapterkit {report['meta']['adapterkit_commit'][:10]}"
-             f" (uncommitted src changes: {len(report['meta']['src_uncommitted_changes'])}), torch "
+             f"`bench/mosa_bench.py`, {report['meta']['date']}, adapterkit "
+             f"{describe(report['meta'])}, torch "
              f"{report['meta']['versions']['torch']}, {report['meta']['machine']['torch_threads']} threads. "
              f"Full run: {report['wall_s'].get('total', report['wall_s'].get('so_far', 0)) / 60:.1f} min.", "",
              f"Each cell: test accuracy (%) mean ± sample sd over {len(mode['seeds'])} seed(s) (seed = training subset, "

@@ -34,7 +34,8 @@ from _timing import hardware, now_iso, summary  # noqa: E402
 from lora_bench import Sections  # noqa: E402
 from lora_common import Params, build_base, quiet_warnings  # noqa: E402
 from lora_libs import Adapterkit, Peft  # noqa: E402
-from lora_report import QUIET, fmt, git_info, versions  # noqa: E402
+from _provenance import describe, provenance  # noqa: E402
+from lora_report import QUIET, fmt, versions  # noqa: E402
 
 SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TMP = HERE / "results" / "tmp"  # git-ignored scratch space (cached model conversions)
@@ -45,10 +46,13 @@ ENV_KEYS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "OMP_NUM_THREADS")
 class AkVariant(Adapterkit):
     """adapterkit with one fixed config and attach ``options`` (e.g. SHiRA calibration data);
     ``value_std`` > 0 draws random SHiRA values after attaching (they start at zero, so fusing
-    would otherwise write the base weights back unchanged)."""
+    would otherwise write the base weights back unchanged); ``exact=False`` fuses without saving
+    the originals."""
 
-    def __init__(self, label: str, make_config: Callable[[], Any], value_std: float = 0.0, **options: Any) -> None:
+    def __init__(self, label: str, make_config: Callable[[], Any], value_std: float = 0.0, exact: bool = True,
+                 **options: Any) -> None:
         self.name, self.make_config, self.value_std, self.options = label, make_config, value_std, options
+        self.exact = exact  # fuse(exact=...); switch keeps the mode the adapter was fused with
 
     def config(self, *_: Any) -> Any:
         return self.make_config()
@@ -170,7 +174,7 @@ def start(args: argparse.Namespace, params: Any, method: str) -> tuple[dict[str,
     import peft  # noqa: F401
 
     sections = Sections(args.retries)
-    meta = dict(date=now_iso(), hardware=hardware(), versions=versions(), adapterkit_git=git_info(HERE.parent),
+    meta = dict(date=now_iso(), hardware=hardware(), versions=versions(), provenance=provenance(),
                 torch_threads=torch.get_num_threads(), env={k: os.environ.get(k) for k in ENV_KEYS},
                 params=dataclasses.asdict(params), method=method, contention=sections.contention)
     report: dict[str, Any] = {"meta": meta, "results": {}, "sanity": {}, "notes": []}
@@ -195,16 +199,15 @@ def finish(report: dict[str, Any], sections: Sections, out_dir: Path, stem: str,
 def header(report: dict[str, Any], title: str) -> list[str]:
     """Title, machine, versions, adapterkit commit, run time and the contention record."""
     meta = report["meta"]
-    hw, ver, src = meta["hardware"], meta["versions"], meta["adapterkit_git"]
-    dirty = src["src_uncommitted_changes"]
+    hw, ver, src = meta["hardware"], meta["versions"], meta["provenance"]
     lines = [
         f"# {title}{' (QUICK smoke run: small sizes, the goals do not apply)' if meta['params'].get('quick') else ''}", "",
         f"- machine: {hw['cpu_model']}, {hw['usable_cores']} usable cores, {hw['ram_total_gib']} GiB RAM, no GPU; "
         f"torch threads: {meta['torch_threads']}",
         f"- versions: adapterkit {ver['adapterkit']}, peft {ver['peft']}, torch {ver['torch']}, "
         f"transformers {ver['transformers']}, Python {ver['python']}",
-        f"- adapterkit source: HEAD {src['commit'][:10]}; src/ last changed in {src['src_last_commit'][:10]} "
-        f"({src['src_last_subject'][:90]})" + (f"; uncommitted changes in src/: {len(dirty)} file(s)" if dirty else ""),
+        f"- adapterkit source: {describe(meta)}; src/ last changed in {(src.get('src_last_commit') or '?')[:10]} "
+        f"({(src.get('src_last_subject') or '?')[:90]})",
         f"- date: {meta['date']}; run time {meta['wall_s']:.0f} s; medians after warm-up, "
         "libraries alternated round by round (raw samples in the JSON)",
     ]

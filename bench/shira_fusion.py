@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 import _tasks as T
+from _provenance import describe
 import adapterkit as ak
 from adapterkit.zoo.data import vader
 from adapterkit.zoo.models import mean_pool
@@ -194,7 +195,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Concept loss when fusing two adapters: LoRA vs SHiRA (MiniLM, VADER)",
         "",
-        f"- {meta['date']}, adapterkit {meta['versions']['adapterkit']} (commit {meta['adapterkit_commit'][:10]}), "
+        f"- {meta['date']}, adapterkit {meta['versions']['adapterkit']} ({describe(meta)}), "
         f"torch {meta['versions']['torch']}, {meta['machine']['cpus']} CPUs; command `{meta['command']}`",
         f"- task A: sentiment of VADER movie snippets; task B: {cfg['task_b_description']}; "
         f"{cfg['fit']} training and {cfg['test']} test examples per task, {cfg['max_length']} tokens max",

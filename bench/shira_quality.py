@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 import _tasks as T
+from _provenance import describe
 import adapterkit as ak
 
 GRID = (1e-3, 3e-3, 1e-2)
@@ -97,7 +98,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# SHiRA vs LoRA: quality at equal trainable parameters (MiniLM, VADER movie snippets)",
         "",
-        f"- {meta['date']}, adapterkit {meta['versions']['adapterkit']} (commit {meta['adapterkit_commit'][:10]}), "
+        f"- {meta['date']}, adapterkit {meta['versions']['adapterkit']} ({describe(meta)}), "
         f"torch {meta['versions']['torch']}, {meta['machine']['cpus']} CPUs, {meta['machine']['torch_threads']} threads; "
         f"command `{meta['command']}`",
         f"- data: VADER movie-review snippets, label = mean human rating > 0; {cfg['sizes']['fit']} training, "
