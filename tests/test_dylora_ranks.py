@@ -207,7 +207,7 @@ def test_bad_ranks_and_wrong_adapters_raise_and_leave_the_model_unchanged(tiny_b
 @pytest.mark.integration
 def test_cli_trains_a_dylora_adapter_sweeps_its_ranks_and_exports_the_chosen_one(tmp_path, capsys):
     common = ["--test-size", "64", "--max-length", "32"]
-    assert main(["train", "--method", "dylora", "--r", "4", "--out", str(tmp_path / "a"), "--train-size", "64",
+    assert main(["train", "--method", "dylora", "--r-max", "4", "--out", str(tmp_path / "a"), "--train-size", "64",
                  *common]) == 0
     assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["method"] == "dylora"
     capsys.readouterr()

@@ -1,6 +1,6 @@
 """``adapterkit`` command line: demo, train, eval, rank-sweep, info, fuse, export, fetch-data.
 
-Errors are printed as one line (no traceback) with exit status 2.
+Errors are printed as one line (no traceback) with exit status 2; ``--debug`` re-raises them.
 """
 
 from __future__ import annotations
@@ -8,9 +8,24 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Mapping, NoReturn, Sequence
 
+from ..core.registry import get_method, registered_methods
 from ..errors import AdapterError
+from .options import DEST, UsageError, add_config_options, nested_selectors, parse_targets, unknown_option_message
+
+DEFAULT_METHOD = "lora"
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors become one-line :class:`UsageError`s (main prints them, or re-raises with --debug)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see: {self.prog} --help)")
+
+
+class Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default."""
 
 
 def _quiet_transformers() -> None:
@@ -28,99 +43,134 @@ def _quiet_transformers() -> None:
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="local encoder directory (default: the bundled all-MiniLM-L6-v2)")
-    parser.add_argument("--data", default="vader:movies", help="dataset, e.g. vader:movies, vader:tweets, vader:amazon, vader:nyt")
-    parser.add_argument("--test-size", type=int, default=1000, help="held-out examples (the last ones of the seeded shuffle)")
+    parser.add_argument("--data", default="vader:movies",
+                        help="vader:movies, vader:tweets, vader:amazon, vader:nyt, or a .csv (with a header) / .jsonl file")
+    parser.add_argument("--text-column", default="text", help="text column of a .csv/.jsonl file")
+    parser.add_argument("--label-column", default="label", help="label column of a .csv/.jsonl file (integers or class names)")
+    parser.add_argument("--test-size", type=int, default=None,
+                        help="held-out examples, the last ones of a seeded shuffle (None: 1000 for VADER, a fifth of a file)")
     parser.add_argument("--max-length", type=int, default=64, help="tokens per text")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import commands, demo
+def _add_train_args(parser: argparse.ArgumentParser, method: str, selected: Mapping[str, str]) -> None:
+    """The command's own options, then the chosen method's config fields (see :mod:`.options`)."""
+    methods = [m.name for m in registered_methods()]
+    _add_model_args(parser)
+    parser.add_argument("--out", required=True, help="adapter directory to write")
+    parser.add_argument("--name", default="default", help="adapter name")
+    parser.add_argument("--method", choices=methods, default=DEFAULT_METHOD,
+                        help="adapter method; its config fields are the options below (shown for the method given)")
+    parser.add_argument("--train-size", type=int, default=None, help="use only the first N training examples")
+    parser.add_argument("--epochs", type=int, default=1, help="passes over the training examples")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="AdamW learning rate (None: the method's default, x4 for 1-2-bit adapters; see the README)")
+    parser.add_argument("--batch-size", type=int, default=32, help="examples per step")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="data order and head init; also the config's seed field where the method has one")
+    parser.add_argument("--format", choices=("adapterkit", "peft"), default="adapterkit",
+                        help="file format; peft writes the portable form (DyLoRA: a plain LoRA at rank r_max)")
+    taken = {"--debug", "-h", "--help", *(s for a in parser._actions for s in a.option_strings)}
+    parser.add_argument("--targets", dest=DEST + "target_modules", type=parse_targets, default=argparse.SUPPRESS,
+                        help="alias of --target-modules")
+    add_config_options(parser, get_method(method).config_class, selected, taken)
 
-    parser = argparse.ArgumentParser(prog="adapterkit", description=__doc__.splitlines()[0])
+
+def build_parser(selected: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The full parser; ``selected`` chooses the method (``{"method": "shira"}``) and nested config
+    classes (``{"base": "lora"}``) whose options ``train`` offers."""
+    from . import commands, demo, info, train
+
+    selected = dict(selected or {})
+    method = selected.get("method", DEFAULT_METHOD)
+    method = method if method in {m.name for m in registered_methods()} else DEFAULT_METHOD
+    parser = Parser(prog="adapterkit", description=__doc__.splitlines()[0], formatter_class=Formatter)
+    parser.add_argument("--debug", action="store_true", help="re-raise errors with their traceback")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="train a LoRA sentiment adapter on MiniLM + VADER movie snippets, end to end")
+    def command(name: str, run: Callable[[argparse.Namespace], int], **kwargs: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, formatter_class=Formatter, allow_abbrev=False, **kwargs)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="re-raise errors with their traceback")
+        p.set_defaults(run=run)
+        return p
+
+    p = command("demo", demo.run, help="train a LoRA sentiment adapter on MiniLM + VADER movie snippets, end to end")
     _add_model_args(p)
-    p.add_argument("--train-size", type=int, default=3000)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--train-size", type=int, default=3000, help="training examples")
+    p.add_argument("--epochs", type=int, default=1, help="passes over the training examples")
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
     p.add_argument("--out", default="demo-output", help="where the adapter is saved")
-    p.set_defaults(run=demo.run)
 
-    p = sub.add_parser("train", help="train an adapter for sentence classification and save it")
-    _add_model_args(p)
-    p.add_argument("--out", required=True, help="adapter directory to write")
-    p.add_argument("--name", default="default")
-    p.add_argument("--method", choices=("lora", "dylora"), default="lora",
-                   help="dylora: one run serves every rank 1..r (pick one later with rank-sweep / export --rank)")
-    p.add_argument("--r", type=int, default=8, help="LoRA rank (DyLoRA: the largest rank)")
-    p.add_argument("--alpha", type=float, default=16.0)
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--targets", default="query,value", help="comma-separated module names, a regex, or all-linear")
-    p.add_argument("--train-size", type=int, default=None, help="use only the first N training examples")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--format", choices=("adapterkit", "peft"), default="adapterkit")
-    p.set_defaults(run=commands.train)
+    p = command("train", train.train, help="train an adapter of any registered method and save it",
+                description=f"Train an adapter. The method options shown are those of --method {method}; "
+                            "see 'adapterkit train --method NAME --help' for another method's.")
+    _add_train_args(p, method, selected)
 
-    p = sub.add_parser("eval", help="held-out accuracy of an adapter (or of a fused model directory)")
+    p = command("eval", commands.evaluate, help="held-out accuracy of an adapter (or of a fused model directory)")
     _add_model_args(p)
     p.add_argument("adapter", nargs="?", default=None, help="adapter directory (adapterkit or PEFT)")
-    p.add_argument("--ignore-fingerprint", action="store_true")
-    p.set_defaults(run=commands.evaluate)
+    p.add_argument("--ignore-fingerprint", action="store_true", help="load even if the base weights differ")
 
-    p = sub.add_parser("rank-sweep", help="held-out accuracy of a DyLoRA adapter at every rank: table, plot, chosen rank")
+    p = command("rank-sweep", commands.rank_sweep,
+                help="held-out accuracy of a DyLoRA adapter at every rank: table, plot, chosen rank")
     _add_model_args(p)
     p.add_argument("adapter", help="DyLoRA adapter directory")
     p.add_argument("--out", required=True, help="where rank_sweep.{json,md,png} are written")
     p.add_argument("--ranks", default=None, help="comma-separated ranks (default: every rank the adapter serves)")
     p.add_argument("--tolerance", type=float, default=0.01, help="accuracy a smaller rank may lose against the best")
-    p.add_argument("--ignore-fingerprint", action="store_true")
-    p.set_defaults(run=commands.rank_sweep)
+    p.add_argument("--ignore-fingerprint", action="store_true", help="load even if the base weights differ")
 
-    p = sub.add_parser("info", help="method, size, parameter count and base fingerprint of an adapter directory")
-    p.add_argument("adapter")
-    p.set_defaults(run=commands.info)
+    p = command("info", info.info, help="method, logical parameter count, size and base fingerprint of an adapter directory")
+    p.add_argument("adapter", help="adapter directory (adapterkit or PEFT)")
 
-    p = sub.add_parser("fuse", help="write a standalone model with the adapter folded into its weights")
-    p.add_argument("adapter")
-    p.add_argument("--model", default=None)
-    p.add_argument("--out", required=True)
-    p.add_argument("--ignore-fingerprint", action="store_true")
-    p.set_defaults(run=commands.fuse)
+    p = command("fuse", commands.fuse, help="write a standalone model with the adapter folded into its weights")
+    p.add_argument("adapter", help="adapter directory")
+    p.add_argument("--model", default=None, help="local encoder directory (default: the bundled all-MiniLM-L6-v2)")
+    p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--ignore-fingerprint", action="store_true", help="load even if the base weights differ")
 
-    p = sub.add_parser("export", help="convert an adapter directory to another format (e.g. PEFT)")
-    p.add_argument("adapter")
-    p.add_argument("--model", default=None)
-    p.add_argument("--format", choices=("adapterkit", "peft"), default="peft")
+    p = command("export", commands.export, help="convert an adapter directory to another format (e.g. PEFT)")
+    p.add_argument("adapter", help="adapter directory")
+    p.add_argument("--model", default=None, help="local encoder directory (default: the bundled all-MiniLM-L6-v2)")
+    p.add_argument("--format", choices=("adapterkit", "peft"), default="peft", help="file format to write")
     p.add_argument("--rank", type=int, default=None, help="DyLoRA: write a plain LoRA of this rank")
-    p.add_argument("--out", required=True)
-    p.add_argument("--ignore-fingerprint", action="store_true")
-    p.set_defaults(run=commands.export)
+    p.add_argument("--out", required=True, help="adapter directory to write")
+    p.add_argument("--ignore-fingerprint", action="store_true", help="load even if the base weights differ")
 
-    p = sub.add_parser("fetch-data", help="download the VADER sentences from PyPI into the local cache (once)")
-    p.set_defaults(run=commands.fetch_data)
+    command("fetch-data", commands.fetch_data, help="download the VADER sentences from PyPI into the local cache (once)")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _quiet_transformers()
-    run: Callable[[argparse.Namespace], int] = args.run
+def _selection(argv: Sequence[str]) -> dict[str, str]:
+    """The method and nested config classes named on the command line (defaults where not)."""
+    pre = Parser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--method", default=DEFAULT_METHOD)
+    for flag, key, default in dict.fromkeys(nested_selectors()):
+        pre.add_argument(flag, dest=key, default=default)
     try:
+        return vars(pre.parse_known_args(list(argv))[0])
+    except UsageError:
+        return {}  # e.g. --method without a value: the full parser says so
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # looked up first, so that usage errors re-raise too
+    _quiet_transformers()
+    try:
+        parser = build_parser(_selection(argv))
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            raise UsageError(unknown_option_message(extra, getattr(args, "method", None)))
+        run: Callable[[argparse.Namespace], int] = args.run
         if getattr(args, "threads", None):
             import torch
 
             torch.set_num_threads(args.threads)
         return run(args) or 0
-    except AdapterError as exc:
-        print(f"adapterkit: error: {exc}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError) as exc:
+    except (AdapterError, OSError, ValueError) as exc:
+        if debug:
+            raise
         print(f"adapterkit: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -16,9 +16,28 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..core.outputs import loss_of, logits_of
+from ..core.registry import AdapterMethod
+from ..core.state import active_records
 from ..core.steps import step
 
 Batch = Mapping[str, Tensor]
+
+#: Low-bit adapters (``bits <= LOW_BIT_MAX_BITS``) train at this multiple of their method's default LR:
+#: the straight-through estimator moves a 1-2-bit code only after a larger latent step (a 1-bit
+#: LoRA at the fp32 LR lost about 9 points on held-out sentiment and matched fp32 at 4x the LR).
+LOW_BIT_LR_FACTOR = 4.0
+LOW_BIT_MAX_BITS = 2
+
+
+def default_learning_rate(model: nn.Module) -> float:
+    """The LR :func:`train` uses when none is given: the largest default of the active adapters'
+    methods (:attr:`AdapterMethod.default_learning_rate`), each times :data:`LOW_BIT_LR_FACTOR` when
+    the adapter has ``bits <= 2``; :attr:`AdapterMethod.default_learning_rate` (1e-3) with no adapter."""
+    rates = [record.method.default_learning_rate
+             * (LOW_BIT_LR_FACTOR if record.config.bits <= LOW_BIT_MAX_BITS else 1.0)
+             for _, record in active_records(model)]
+    return max(rates, default=AdapterMethod.default_learning_rate)
+
 
 
 class LabelledTexts(Protocol):
@@ -110,7 +129,7 @@ def train(
     model: nn.Module,
     batches: Iterable[Batch],
     epochs: int = 1,
-    lr: float = 1e-3,
+    lr: float | None = None,
     weight_decay: float = 0.0,
     warmup: float = 0.06,
     max_grad_norm: float | None = 1.0,
@@ -123,7 +142,24 @@ def train(
     ``batches`` yields keyword-argument dicts for ``model(**batch)``, which must return a loss
     (a ``"loss"`` key, a ``.loss`` attribute or the first element), unless ``loss_fn(model, batch)``
     computes the loss itself (e.g. :func:`adapterkit.mosa.two_pass_loss`).
+
+    ``lr=None`` uses :func:`default_learning_rate`: the largest default of the active adapters'
+    methods, chosen on validation in ``bench/results``:
+
+    ==========  ==========  =================================================
+    method      default LR  evidence
+    ==========  ==========  =================================================
+    lora        3e-3        shira_quality.md, dylora_bench.md, mosa_bench.md
+    dylora      3e-3        dylora_bench.md (every variant chose 3e-3)
+    shira       1e-2        shira_quality.md (rand, wm, snip masks)
+    bottleneck  1e-3        mosa_bench.md (text)
+    mosa        3e-3        mosa_bench.md (text)
+    ==========  ==========  =================================================
+
+    A low-bit adapter (``bits`` 1 or 2) trains at 4x its method's default (:data:`LOW_BIT_LR_FACTOR`).
     """
+    if lr is None:
+        lr = default_learning_rate(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters; attach an adapter first")

@@ -21,6 +21,7 @@ def module_device(module: nn.Module) -> Any:
 class BottleneckMethod(AdapterMethod):
     name = "bottleneck"
     config_class = BottleneckConfig
+    default_learning_rate = 1e-3
 
     def supports(self, module: nn.Module) -> bool:
         return can_wrap(module)

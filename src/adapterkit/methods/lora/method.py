@@ -18,6 +18,7 @@ class LoRAMethod(AdapterMethod):
     name = "lora"
     config_class = LoRAConfig
     peft = LoRACodec()
+    default_learning_rate = 3e-3
 
     def supports(self, module: nn.Module) -> bool:
         return is_lora_target(module) or is_conv_target(module)

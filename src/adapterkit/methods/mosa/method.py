@@ -22,6 +22,7 @@ from .layers import MoSABottleneckLayer, MoSALoRALayer, _Splits
 class MoSAMethod(AdapterMethod):
     name = "mosa"
     config_class = MoSAConfig
+    default_learning_rate = 3e-3
 
     def supports(self, module: nn.Module) -> bool:
         return can_wrap(module)  # the wider of the two bases; create_layer checks the actual one

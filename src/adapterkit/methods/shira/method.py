@@ -63,6 +63,7 @@ class ShiraMethod(AdapterMethod):
     name = "shira"
     config_class = ShiraConfig
     peft = ShiraCodec()
+    default_learning_rate = 1e-2
 
     def supports(self, module: nn.Module) -> bool:
         return isinstance(module, nn.Linear)
