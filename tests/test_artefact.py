@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import BertForSequenceClassification
 
 import adapterkit as ak
+from adapterkit.io.safefiles import tensors_digest
 from conftest import assert_unchanged, snapshot, tiny_bert_config
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter.safetensors"
@@ -139,10 +140,12 @@ def edit_json(change):
 
 
 def edit_tensors(change):
+    """Rewrite the stored tensors and re-seal the digest, so the checks behind it are reached."""
     def mutate(d):
         tensors = load_file(d / WEIGHTS)
         change(tensors)
         save_file(tensors, d / WEIGHTS)
+        edit_json(lambda c: c.update(tensors_sha256=tensors_digest(tensors)))(d)
     return mutate
 
 

@@ -4,6 +4,7 @@ consistency loss, files and errors (spec: shared/docs/methods/mosa.md §9)."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from conftest import assert_unchanged, snapshot
 from torch import nn
 
 import adapterkit as ak
+from adapterkit.io.safefiles import tensors_digest
 from adapterkit.methods.mosa import MoSABottleneckLayer, MoSALoRALayer, SplitWeight, consistency_loss, partition
 from adapterkit.core.state import get_state
 
@@ -234,7 +236,9 @@ def test_save_load_round_trip_and_corrupt_partitions(tmp_path):
     tensors[key] = torch.zeros_like(tensors[key])  # every entry in module 0: sizes no longer fit
     (tmp_path / "bad").mkdir()
     save_file(tensors, tmp_path / "bad" / "adapter.safetensors")
-    (tmp_path / "bad" / "adapter_config.json").write_text((tmp_path / "ok" / "adapter_config.json").read_text())
+    config = json.loads((tmp_path / "ok" / "adapter_config.json").read_text())
+    config["tensors_sha256"] = tensors_digest(tensors)  # re-seal the edited tensors: reach the MoSA check
+    (tmp_path / "bad" / "adapter_config.json").write_text(json.dumps(config))
     target = mosa_mlp()
     ak.detach(target, "m")
     before = snapshot(target)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import adapterkit as ak
+from adapterkit.io.safefiles import tensors_digest
 from adapterkit.io import sparse_indices as storage
 from adapterkit.core.state import get_state
 from conftest import assert_unchanged, snapshot
@@ -178,6 +179,7 @@ def edit(change):
         tensors = load_file(d / WEIGHTS)
         change(tensors)
         save_file(tensors, d / WEIGHTS)
+        edit_config(lambda c: c.update(tensors_sha256=tensors_digest(tensors)))(d)  # re-seal: reach the checks behind it
     return mutate
 
 

@@ -2,11 +2,12 @@
 
 adapterkit directory::
 
-    adapter_config.json   method, adapterkit version, full config, base-model fingerprint
+    adapter_config.json   method, adapterkit version, full config, base-model fingerprint,
+                          sha256 of the stored tensors ("tensors_sha256")
     adapter.safetensors   tensors keyed "<module path>.<local key>", e.g. "encoder.layer.0.attention.self.query.lora_A"
 
-Loading validates everything (files, JSON, tensors finite, modules present, shapes, fingerprint)
-before the model is touched.
+Loading validates everything (files, JSON, tensor digest, tensors finite, modules present,
+shapes, fingerprint) before the model is touched; any bad file raises an ``ak.AdapterError``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 
 from ..core import quantization
 from .._version import __version__
-from ..core.api import PreparedAdapter, activate, active_adapters, adapters, commit, detach, prepare
+from ..core.api import PreparedAdapter, activate, adapters, check_adapter_name, commit, prepare
 from ..core.api import fuse as fuse_adapters
 from ..core.composition import COMPOSITION_FILE, Stack
 from ..errors import (
@@ -31,19 +32,24 @@ from ..errors import (
     CorruptFileError,
     FingerprintMismatchError,
     MissingFileError,
+    NotFusableError,
     UnsupportedError,
 )
 from .fingerprint import base_fingerprint, weights_hash
+from .guard import WorkBudget, load_budget
+from .layout import WEIGHTS_FILE, remove_adapter_files, remove_members, remove_stack, stack_members
 from .peft_format import CONFIG_FILE, WEIGHTS_FILE as PEFT_WEIGHTS_FILE, join_keys, split_keys
 from ..core.registry import get_method, method_for, registered_methods
-from .safefiles import check_finite, read_json, read_metadata, read_tensors, write_json, write_tensors
+from .safefiles import check_finite, parse_json, read_json, read_metadata, read_tensors, write_json, write_tensors
 from ..core.layers import AdapterLayer
+from ..core.snapshot import rollback_on_error
 from ..core.state import AdapterRecord, get_state
 from ..core.targeting import is_module_to_save, logical_modules
 
 FORMAT = "adapterkit"
 FORMAT_VERSION = 1
-WEIGHTS_FILE = "adapter.safetensors"
+DIGEST_FIELD = "tensors_sha256"  # adapter_config.json field (adapterkit format)
+DIGEST_METADATA = "adapterkit_tensors_sha256"  # safetensors header entry (PEFT format, which PEFT ignores)
 FORMATS = ("adapterkit", "peft")
 VERIFY_MODES = ("sampled", "full", "none")
 
@@ -55,15 +61,27 @@ def save(model: nn.Module, directory: str | Path, name: str | Stack = "default",
     ``adapter_config.json`` that ``peft.PeftModel.from_pretrained`` loads. A :class:`Stack`
     writes each of its adapters to a sub-directory named after it, plus ``composition.json``;
     :func:`load` then restores and activates the stack.
+
+    Files an earlier save left in ``directory`` that would change what :func:`load` reads (a
+    Stack's ``composition.json`` and member directories, the other format's weights file) are
+    removed once the new files are written.
     """
     state = get_state(model)
+    directory = Path(directory)
     if isinstance(name, Stack):
+        if format not in FORMATS:
+            raise ConfigError(f"format must be one of {FORMATS}, got {format!r}")
         for member in name.names:
+            check_adapter_name(member)
             state.record(member)  # all must exist before anything is written
+        old = stack_members(directory)
         for member in name.names:
-            save(model, Path(directory) / member, member, format)
-        write_json(Path(directory) / COMPOSITION_FILE, name.to_dict())
-        return Path(directory)
+            save(model, directory / member, member, format)
+        write_json(directory / COMPOSITION_FILE, name.to_dict())
+        remove_members(directory, [m for m in old if m not in name.names])
+        remove_adapter_files(directory)  # a single adapter saved here before
+        return directory
+    check_adapter_name(name)
     return write_adapter(model, directory, name, state.record(name), dict(state.layers(name)), format)
 
 
@@ -94,6 +112,7 @@ def write_adapter(model: nn.Module, directory: str | Path, name: str, record: Ad
     (e.g. a DyLoRA adapter exported as a plain LoRA) without attaching them."""
     if format not in FORMATS:
         raise ConfigError(f"format must be one of {FORMATS}, got {format!r}")
+    check_adapter_name(name)
     by_module = {path: layer.tensors() for path, layer in layers.items()}
     for path, tensors in by_module.items():
         check_finite(tensors, f"refusing to save adapter {name!r} at {path}")
@@ -118,8 +137,9 @@ def write_adapter(model: nn.Module, directory: str | Path, name: str, record: Ad
             **codec.to_peft(record.config, list(record.targets)),
         }
         metadata["adapterkit_fingerprint"] = json.dumps(fingerprint)
-        write_tensors(directory / PEFT_WEIGHTS_FILE, tensors, metadata)
+        write_tensors(directory / PEFT_WEIGHTS_FILE, tensors, metadata, digest_key=DIGEST_METADATA)
         write_json(directory / CONFIG_FILE, config)
+        _clear_stale(directory, PEFT_WEIGHTS_FILE)
         return directory
     packed = {path: quantization.encode(local, layers[path].quantizers) for path, local in by_module.items()}
     tensors = {f"{path}.{key}": t for path, local in packed.items() for key, t in local.items()}
@@ -132,9 +152,16 @@ def write_adapter(model: nn.Module, directory: str | Path, name: str, record: Ad
         "config": record.config.to_dict(),
         "base_model": fingerprint,
     }
-    write_tensors(directory / WEIGHTS_FILE, tensors, metadata)
+    config[DIGEST_FIELD] = write_tensors(directory / WEIGHTS_FILE, tensors, metadata)
     write_json(directory / CONFIG_FILE, config)
+    _clear_stale(directory, WEIGHTS_FILE)
     return directory
+
+
+def _clear_stale(directory: Path, weights: str) -> None:
+    """After a single adapter was written: drop an earlier Stack and the other format's weights."""
+    remove_stack(directory)
+    remove_adapter_files(directory, keep=(CONFIG_FILE, weights))
 
 
 def load(model: nn.Module, directory: str | Path, name: str | None = None, *,
@@ -146,9 +173,12 @@ def load(model: nn.Module, directory: str | Path, name: str | None = None, *,
     :class:`FingerprintMismatchError` unless ``ignore_fingerprint=True``. ``verify="sampled"``
     (default) compares a hash of a fixed sample of each weight; ``verify="full"`` hashes every value.
     ``fuse=True`` folds the adapter into the base weights right away (replacing whatever is fused).
+    Every bad file raises an :class:`AdapterError` and leaves the model as it was.
     """
     if verify not in VERIFY_MODES:
         raise ConfigError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+    if name is not None:
+        check_adapter_name(name)
     if Path(directory, COMPOSITION_FILE).is_file():  # written by save(model, directory, Stack(...))
         if name is not None:
             raise ConfigError(f"{directory} holds a Stack of adapters under their own names; load it without a name")
@@ -165,35 +195,32 @@ def load(model: nn.Module, directory: str | Path, name: str | None = None, *,
         prepared = _read_native(model, directory, data, name, full)
     else:
         raise CorruptFileError(f"{directory / CONFIG_FILE}: neither an adapterkit nor a PEFT adapter config")
-    commit(model, prepared)
-    if fuse:
-        fuse_adapters(model, [prepared.record.name], exact=get_state(model).fused_exact)
+    if fuse and not prepared.record.fusable:
+        raise NotFusableError(f"{directory}: adapter {prepared.record.name!r} ({prepared.record.method.name}) inserts "
+                              "modules and cannot be loaded fused; load it with fuse=False")
+    with rollback_on_error(model, values=False):  # a fuse refused after the commit undoes the commit
+        commit(model, prepared)
+        if fuse:
+            fuse_adapters(model, [prepared.record.name], exact=get_state(model).fused_exact)
     return prepared.record.name
 
 
 def _load_stack(model: nn.Module, directory: Path, **options: Any) -> str:
     """Load every adapter of a saved :class:`Stack`, activate it and return its first name; on any
     failure the adapters loaded so far are detached again."""
-    stack = Stack.from_dict(read_json(directory / COMPOSITION_FILE))
+    where = directory / COMPOSITION_FILE
+    stack = _config_from(where, Stack.from_dict, read_json(where))
+    for member in stack.names:  # members become directory names: never "..", "a/b"
+        _config_from(where, check_adapter_name, member)
     if options.pop("fuse"):
         raise ConfigError("a Stack of inserted modules cannot be loaded fused; load it, then fuse the weight deltas")
     taken = set(adapters(model)) & set(stack.names)
     if taken:
         raise DuplicateAdapterError(f"adapters {sorted(taken)} are already attached; detach them first")
-    before = active_adapters(model)
-    trainable = {id(p): p.requires_grad for p in model.parameters()}
-    loaded: list[str] = []
-    try:
+    with rollback_on_error(model, values=False):  # loads write no existing tensor: structure suffices
         for member in stack.names:
-            loaded.append(load(model, directory / member, member, **options))
+            load(model, directory / member, member, **options)
         activate(model, stack)
-    except BaseException:
-        for member in reversed(loaded):
-            detach(model, member)
-        activate(model, [n for n, _ in before], [w for _, w in before])
-        for param in model.parameters():
-            param.requires_grad_(trainable.get(id(param), param.requires_grad))
-        raise
     return stack.names[0]
 
 
@@ -202,8 +229,18 @@ def _config_from(where: Path, build: Any, *args: Any) -> Any:
         return build(*args)
     except AdapterError as exc:
         raise type(exc)(f"{where}: {exc}") from None
-    except (TypeError, ValueError, KeyError, AttributeError) as exc:
-        raise CorruptFileError(f"{where}: invalid adapter config ({exc})") from None
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError, IndexError, RecursionError) as exc:
+        raise CorruptFileError(f"{where}: invalid adapter config ({type(exc).__name__}: {exc})") from None
+
+
+def _build(model: nn.Module, config: Any, name: str, targets: list[str], copies: list[str],
+           stored: Mapping[str, Tensor], where: Path) -> PreparedAdapter:
+    """:func:`prepare` the adapter's empty layers within a work budget set by the file, so a
+    damaged size field cannot allocate terabytes or loop for hours."""
+    modules = {"": model, **dict(logical_modules(model))}
+    bases = [p for path in targets if path in modules for p in modules[path].parameters()]
+    with WorkBudget(load_budget(stored.values(), bases)):
+        return _config_from(where, prepare, model, config, name, targets, copies)
 
 
 def _fill(prepared: PreparedAdapter, by_module: Mapping[str, Mapping[str, Tensor]], where: Path) -> None:
@@ -218,6 +255,16 @@ def _fill(prepared: PreparedAdapter, by_module: Mapping[str, Mapping[str, Tensor
             layer.quantizers[key].remember(layer.get_parameter(key), q)
 
 
+def _fingerprint(recorded: Any, where: Path) -> dict[str, Any]:
+    """A recorded base-model fingerprint, checked to have the structure :func:`base_fingerprint` writes."""
+    modules = recorded.get("modules") if isinstance(recorded, dict) else None
+    copies = recorded.get("copied_modules", []) if isinstance(recorded, dict) else None
+    if not isinstance(modules, dict) or not all(isinstance(v, dict) for v in modules.values()) \
+            or not isinstance(copies, list) or not all(isinstance(p, str) for p in copies):
+        raise CorruptFileError(f"{where}: base_model.modules must be an object of objects and copied_modules a list of names")
+    return recorded
+
+
 def _check_base(model: nn.Module, recorded: Mapping[str, Any], where: Path, full: bool | None) -> None:
     """Modules exist with the recorded shapes; then the weights hash (``full=None``: skip it)."""
     modules = dict(logical_modules(model))
@@ -226,7 +273,7 @@ def _check_base(model: nn.Module, recorded: Mapping[str, Any], where: Path, full
         if module is None:
             raise BaseModelMismatchError(f"{where}: the model has no module {path!r} (adapter made for {recorded.get('name_or_path')})")
         weight = getattr(module, "weight", None)
-        if "shape" in info and (weight is None or list(weight.shape) != list(info["shape"])):
+        if "shape" in info and (not isinstance(weight, Tensor) or list(weight.shape) != info["shape"]):
             shape = None if weight is None else list(weight.shape)
             raise BaseModelMismatchError(f"{where}: module {path!r} has weight shape {shape}, the adapter needs {info['shape']}")
     key = "weights_sha256" if full or "weights_sample_sha256" not in recorded else "weights_sample_sha256"
@@ -246,15 +293,13 @@ def _read_native(model: nn.Module, directory: Path, data: dict[str, Any], name: 
     for key, kind in (("method", str), ("name", str), ("config", dict), ("base_model", dict)):
         if not isinstance(data.get(key), kind):
             raise CorruptFileError(f"{where}: field {key!r} is missing or not a {kind.__name__}")
-    if not isinstance(data["base_model"].get("modules"), dict) or not isinstance(data["base_model"].get("copied_modules", []), list):
-        raise CorruptFileError(f"{where}: base_model.modules must be an object and copied_modules a list")
+    recorded = _fingerprint(data["base_model"], where)
     method = _config_from(where, get_method, data["method"])
     config = _config_from(where, method.config_class.from_dict, data["config"])
-    recorded = data["base_model"]
-    targets, copies = list(recorded.get("modules", {})), list(recorded.get("copied_modules", []))
+    targets, copies = list(recorded["modules"]), list(recorded.get("copied_modules", []))
     weights = directory / WEIGHTS_FILE
-    tensors = read_tensors(weights)
-    prepared = prepare(model, config, name or data["name"], targets, copies)
+    tensors = read_tensors(weights, data.get(DIGEST_FIELD), str(where))
+    prepared = _build(model, config, name or data["name"], targets, copies, tensors, where)
     _check_base(model, recorded, where, full)
     by_module: dict[str, dict[str, Tensor]] = {}
     used = set()
@@ -279,12 +324,13 @@ def _read_peft(model: nn.Module, directory: Path, data: dict[str, Any], name: st
     codec.check_fields(data, str(where))
     config = _config_from(where, codec.from_peft, data)
     weights = directory / PEFT_WEIGHTS_FILE
-    tensors = read_tensors(weights)
-    copy_paths = [p for p, _ in logical_modules(model) if is_module_to_save(config, p)]
+    metadata = read_metadata(weights)
+    tensors = read_tensors(weights, metadata.get(DIGEST_METADATA), f"{weights} (header)")
+    copy_paths = [p for p, _ in logical_modules(model) if _config_from(where, is_module_to_save, config, p)]
     groups = split_keys(tensors, codec, copy_paths, str(weights))
-    prepared = prepare(model, config, name, sorted(groups.targets), sorted(groups.copies))
-    recorded = read_metadata(weights).get("adapterkit_fingerprint")
+    prepared = _build(model, config, name, sorted(groups.targets), sorted(groups.copies), tensors, where)
+    recorded = metadata.get("adapterkit_fingerprint")
     if recorded:
-        _check_base(model, json.loads(recorded), where, full)
+        _check_base(model, _fingerprint(parse_json(recorded, f"{weights} (header)"), weights), where, full)
     _fill(prepared, {**groups.targets, **groups.copies}, weights)
     return prepared

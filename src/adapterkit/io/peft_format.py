@@ -30,6 +30,9 @@ COMMON_FIELDS = {
     # inert unless their feature is switched on (megatron_config, use_qalora), which is refused
     "megatron_core", "qalora_group_size",
 }
+# Tensor names of PEFT features every tuner may add, and what they are.
+COMMON_FEATURE_KEYS = {"trainable_tokens_delta": "trainable tokens (trainable_token_indices)",
+                       "trainable_tokens_original": "trainable tokens (trainable_token_indices)"}
 
 
 class PeftCodec:
@@ -39,6 +42,22 @@ class PeftCodec:
     key_suffixes: ClassVar[Mapping[str, str]]  # local tensor key -> PEFT key suffix
     honoured: ClassVar[set[str]] = set()  # PEFT fields the codec reads
     must_be_default: ClassVar[Mapping[str, Any]] = {}  # fields adapterkit cannot honour unless default
+    key_prefix: ClassVar[str] = ""  # every PEFT tensor name of this tuner starts so, e.g. "lora_"
+    feature_keys: ClassVar[Mapping[str, str]] = {}  # tensor names of features adapterkit lacks -> feature
+
+    def unsupported_key(self, rest: str) -> str | None:
+        """The PEFT feature a tensor name (``<module path>.<name>...``) belongs to, when it is one
+        of this tuner's (or PEFT's) tensors that adapterkit does not read; else ``None``."""
+        parts = rest.split(".")
+        for i, part in enumerate(parts):
+            tail = ".".join(parts[i:])
+            feature = {**COMMON_FEATURE_KEYS, **self.feature_keys}
+            found = next((f for k, f in feature.items() if tail == k or tail.startswith(k + ".")), None)
+            if found is not None:
+                return f"{found} ({tail})"
+            if self.key_prefix and part.startswith(self.key_prefix):
+                return f"an unknown {self.peft_type} feature ({tail})"
+        return None
 
     def layer_tensors(self, layer: Any) -> dict[str, Tensor]:
         """The layer's tensors by local key, in the form PEFT stores (default: its saved tensors)."""
@@ -88,6 +107,9 @@ def split_keys(tensors: Mapping[str, Tensor], codec: PeftCodec, copy_paths: list
             targets.setdefault(rest[: -len(suffix) - 1], {})[suffix_to_local[suffix]] = tensor
             continue
         owner = next((p for p in by_length if rest.startswith(p + ".")), None)
+        feature = codec.unsupported_key(rest) if owner is None else None
+        if feature is not None:
+            raise UnsupportedError(f"{where}: tensor {key!r} belongs to {feature}, which adapterkit does not support")
         if owner is None:
             raise CorruptFileError(f"{where}: key {key!r} belongs to no adapter layer or module to save of this model")
         copies.setdefault(owner, {})[rest[len(owner) + 1:]] = tensor

@@ -7,6 +7,7 @@ leaves a half-written artefact behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -34,35 +35,63 @@ def require_file(path: Path, what: str) -> Path:
     return path
 
 
+def parse_json(text: str | bytes, where: str) -> Any:
+    """JSON text as Python values; anything unparsable (bad UTF-8, bad syntax, numbers beyond
+    Python's digit limit, nesting beyond the recursion limit) is a :class:`CorruptFileError`."""
+    try:
+        return json.loads(text)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise CorruptFileError(f"{where}: not valid JSON ({exc})") from None
+
+
 def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object."""
     require_file(path, "adapter config")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptFileError(f"{path}: not valid JSON ({exc})") from None
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CorruptFileError(f"{path}: cannot be read ({exc})") from None
+    data = parse_json(raw, str(path))
     if not isinstance(data, dict):
         raise CorruptFileError(f"{path}: expected a JSON object")
     return data
 
 
-def read_tensors(path: Path) -> dict[str, Tensor]:
-    """All tensors of a safetensors file, checked to be finite."""
+def tensors_digest(tensors: Mapping[str, Tensor]) -> str:
+    """sha256 over every tensor's key, dtype, shape and raw bytes (exactly what safetensors
+    stores), in key order: a flipped stored bit changes it."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().contiguous().cpu()
+        h.update(json.dumps([key, str(tensor.dtype), list(tensor.shape)]).encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def read_tensors(path: Path, digest: Any = None, recorded_in: str = "") -> dict[str, Tensor]:
+    """All tensors of a safetensors file, checked against ``digest`` (from
+    :func:`tensors_digest`; ``None``: files written before digests, not checked) and to be finite."""
     require_file(path, "adapter weights")
     try:
         tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+    except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError, OverflowError) as exc:
         raise CorruptFileError(f"{path}: not a readable safetensors file ({exc})") from None
+    if digest is not None and (not isinstance(digest, str) or tensors_digest(tensors) != digest):
+        raise CorruptFileError(f"{path}: the stored tensors do not match the digest recorded in {recorded_in or path}: "
+                               "the file is damaged")
     check_finite(tensors, str(path))
     return tensors
 
 
 def read_metadata(path: Path) -> dict[str, str]:
+    """The string metadata of a safetensors header."""
     from safetensors import safe_open
 
+    require_file(path, "adapter weights")
     try:
         with safe_open(str(path), framework="pt") as handle:
             return dict(handle.metadata() or {})
-    except (SafetensorError, OSError) as exc:
+    except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError, OverflowError) as exc:
         raise CorruptFileError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
@@ -93,7 +122,13 @@ def check_finite(tensors: Mapping[str, Tensor], where: str) -> None:
             raise NonFiniteWeightsError(f"{where}: tensor {key!r} contains NaN or Inf values")
 
 
-def write_tensors(path: Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> None:
+def write_tensors(path: Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None,
+                  digest_key: str | None = None) -> str:
+    """Write a safetensors file and return :func:`tensors_digest` of what it stores (also put into
+    the header metadata under ``digest_key`` when given)."""
     check_finite(tensors, f"refusing to save {path}")
     plain = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic(path, lambda tmp: save_file(plain, tmp, metadata=dict(metadata or {})))
+    digest = tensors_digest(plain)
+    metadata = {**(metadata or {}), **({digest_key: digest} if digest_key else {})}
+    _atomic(path, lambda tmp: save_file(plain, tmp, metadata=metadata))
+    return digest

@@ -23,7 +23,6 @@ from .layer import DyLoRALayer
 class DyLoRAMethod(AdapterMethod):
     name = "dylora"
     config_class = DyLoRAConfig
-    default_learning_rate = 3e-3
 
     def supports(self, module: nn.Module) -> bool:
         return is_lora_target(module)
@@ -50,7 +49,8 @@ class DyLoRAMethod(AdapterMethod):
     def portable(self, config: AdapterConfig, layers: Mapping[str, AdapterLayer], bases: Mapping[str, nn.Module],
                  rank: int | None = None, **options: Any) -> tuple[AdapterConfig, dict[str, AdapterLayer]]:
         """The adapter at ``rank`` (default: the current inference rank) as a plain rank-``rank`` LoRA
-        whose ``alpha / r`` is DyLoRA's scale at that rank."""
+        whose ``alpha / r`` is DyLoRA's scale at that rank. A low-bit adapter becomes a full-precision
+        LoRA holding its dequantised factors, so outputs do not change."""
         assert isinstance(config, DyLoRAConfig)
         super().portable(config, layers, bases, **options)  # refuses unknown options
         ranked = {path: layer for path, layer in layers.items() if isinstance(layer, DyLoRALayer)}
@@ -64,9 +64,11 @@ class DyLoRAMethod(AdapterMethod):
         for path, layer in ranked.items():
             lora = LoRALayer(layer.adapter_name, bases[path], r=rank, scaling=plain.scaling_for(path),
                              dropout=config.dropout, init="default")
-            lora.load_tensors({"lora_A": layer.lora_A[:rank].detach(), "lora_B": layer.lora_B[:, :rank].detach()},
-                              f"DyLoRA adapter {layer.adapter_name!r} at {path}")
-            out[path] = lora
+            # weight_of: a low-bit adapter's dequantised factors (what its forward uses), not the
+            # fp32 latents; the slice is no codebook's image, so the LoRA is full precision
+            a, b = layer.weight_of("lora_A").detach(), layer.weight_of("lora_B").detach()
+            lora.load_tensors({"lora_A": a[:rank], "lora_B": b[:, :rank]}, f"DyLoRA adapter {layer.adapter_name!r} at {path}")
+            out[path] = lora.train(layer.training)  # ak.to_plain: an eval model keeps its dropout off
         return plain, out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from ...core.config import AdapterConfig
+from ...errors import UnsupportedError
 from ...io.peft_format import PeftCodec
 from .config import LoRAConfig
 
@@ -21,6 +22,22 @@ class LoRACodec(PeftCodec):
         "layers_pattern", "init_lora_weights",
     }
     must_be_default = {"bias": "none", "use_dora": False, "lora_bias": False, "use_qalora": False}
+    key_prefix = "lora_"
+    feature_keys = {"lora_embedding_A": "LoRA on embedding layers", "lora_embedding_B": "LoRA on embedding layers",
+                    "lora_magnitude_vector": "DoRA (use_dora)", "lora_B.bias": "LoRA biases (lora_bias)"}
+    # init_lora_weights values that leave the base weights untouched, so the file is the whole
+    # adapter. PiSSA, OLoRA, CorDA, LoRA-GA subtract the initial adapter from the base weights and
+    # LoftQ quantises them: the file's LoRA only reproduces its outputs on that changed base.
+    base_preserving_inits = (True, False, "gaussian", "orthogonal", "eva", "mica")
+
+    def check_fields(self, data: Mapping[str, Any], where: str) -> None:
+        init = data.get("init_lora_weights", True)
+        if not any(init is ok or (isinstance(init, str) and init == ok) for ok in self.base_preserving_inits):
+            raise UnsupportedError(
+                f"{where}: PEFT option init_lora_weights={init!r} is not supported: it rewrites the base model's weights "
+                "(PiSSA/OLoRA/CorDA/LoRA-GA residuals, LoftQ quantisation), which the adapter file does not hold; "
+                "save it with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...) to get a plain LoRA")
+        super().check_fields(data, where)
 
     def to_peft(self, config: AdapterConfig, targets: list[str]) -> dict[str, Any]:
         assert isinstance(config, LoRAConfig)

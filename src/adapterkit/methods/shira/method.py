@@ -26,6 +26,7 @@ class ShiraCodec(PeftCodec):
     honoured = {"r", "mask_type", "random_seed", "target_modules", "modules_to_save", "init_weights", "exclude_modules",
                 "layers_to_transform", "layers_pattern"}
     must_be_default = {"fan_in_fan_out": False}
+    key_prefix = "shira_"
 
     def layer_tensors(self, layer: nn.Module) -> dict[str, Tensor]:
         return layer.plain_tensors()
