@@ -267,7 +267,7 @@ def _fingerprint(recorded: Any, where: Path) -> dict[str, Any]:
 
 def _check_base(model: nn.Module, recorded: Mapping[str, Any], where: Path, full: bool | None) -> None:
     """Modules exist with the recorded shapes; then the weights hash (``full=None``: skip it)."""
-    modules = dict(logical_modules(model))
+    modules = {"": model, **dict(logical_modules(model))}  # "": model-level adapters
     for path, info in recorded.get("modules", {}).items():
         module = modules.get(path)
         if module is None:
