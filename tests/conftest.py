@@ -58,12 +58,14 @@ def token_ids():
 
 
 def snapshot(model: nn.Module) -> dict:
-    """Everything that must not change after a failed call: tensors, module objects, requires_grad."""
+    """Everything that must not change after a failed call: tensors, module objects, requires_grad,
+    every module's train/eval flag."""
     return {
         "tensors": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "modules": [(name, id(m)) for name, m in model.named_modules()],
         "grad": {k: p.requires_grad for k, p in model.named_parameters()},
         "state": getattr(model, "adapterkit_state", None) and repr(model.adapterkit_state),
+        "training": [(name, m.training) for name, m in model.named_modules()],
     }
 
 
@@ -72,6 +74,7 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
     assert after["modules"] == before["modules"]
     assert after["grad"] == before["grad"]
     assert after["state"] == before["state"]
+    assert after["training"] == before["training"]
     assert after["tensors"].keys() == before["tensors"].keys()
     for key, value in before["tensors"].items():
         assert torch.equal(after["tensors"][key], value), key

@@ -19,13 +19,19 @@ from torch import Tensor, nn
 
 from ..core.layers import DeltaLayer
 from ..core.state import get_state
+from ..errors import ConfigError
+
+
+NORMS = ("spectral", "fro")
 
 
 def _product(a: Tensor, b: Tensor) -> Tensor:
-    a, b = a.detach().float(), b.detach().float()
+    if not isinstance(a, Tensor) or not isinstance(b, Tensor):
+        raise ConfigError(f"expected two delta tensors, got {type(a).__name__} and {type(b).__name__}")
     if a.shape != b.shape or a.dim() != 2:
-        raise ValueError(f"adapters must be deltas of the same 2-D weight, got {tuple(a.shape)} and {tuple(b.shape)}")
-    return a.t() @ b
+        raise ConfigError(f"adapters must be deltas of the same 2-D weight, got {tuple(a.shape)} and {tuple(b.shape)}")
+    a, b = a.detach().float(), b.detach().float()
+    return a.t() @ b.to(a.device)
 
 
 def awor(a: Tensor, b: Tensor) -> float:
@@ -36,6 +42,8 @@ def awor(a: Tensor, b: Tensor) -> float:
 
 def awom(a: Tensor, b: Tensor, norm: str = "spectral") -> float:
     """``‖aᵀ b‖`` with the spectral (``"spectral"``) or Frobenius (``"fro"``) norm."""
+    if norm not in NORMS:
+        raise ConfigError(f"norm must be one of {NORMS}, got {norm!r}")
     product = _product(a, b)
     return torch.linalg.matrix_norm(product, ord=2 if norm == "spectral" else "fro").item()
 
@@ -69,7 +77,10 @@ class Orthogonality:
 def orthogonality(model: nn.Module, first: str, second: str) -> Orthogonality:
     """AWOR and AWOM of two attached weight-delta adapters, per shared layer and averaged."""
     state = get_state(model)
-    state.record(first), state.record(second)
+    for name in (first, second):
+        if not isinstance(name, str):
+            raise ConfigError(f"adapter names must be strings, got {name!r}")
+        state.record(name)
     layers = {}
     for path, wrapper in state.wrappers.items():
         a, b = wrapper.layer(first), wrapper.layer(second)
@@ -77,5 +88,5 @@ def orthogonality(model: nn.Module, first: str, second: str) -> Orthogonality:
             da, db = a.delta_weight(wrapper.weight.shape), b.delta_weight(wrapper.weight.shape)
             layers[path] = LayerOrthogonality(awor(da, db), awom(da, db), awom(da, db, "fro"))
     if not layers:
-        raise ValueError(f"adapters {first!r} and {second!r} share no weight-delta layer")
+        raise ConfigError(f"adapters {first!r} and {second!r} share no weight-delta layer")
     return Orthogonality(layers)

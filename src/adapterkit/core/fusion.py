@@ -12,8 +12,12 @@ fusion keeps what restores the original and writes it back:
   (keyed by its index tensor), so switching back and forth between adapters writes from that
   cache instead of gathering from the weight again (a random-access gather costs as much as
   both scatters). The cache is dropped by ``restore`` (``ak.unfuse``), since the user may change
-  base weights then, and whenever the weight was written by anyone else (its version counter);
-  it costs one value per entry of each adapter visited.
+  base weights then, and whenever the weight is not the tensor we last wrote (other storage,
+  dtype or device after ``param.data = ...`` / ``.to()``, or a newer version counter: see
+  :class:`~adapterkit.core.stamp.TensorStamp`); it costs one value per entry of each adapter visited.
+
+The saved originals follow the weight when the model is moved or converted while fused
+(``model.double().float()``, ``.cuda().cpu()``): restoring casts them to the weight's device and dtype.
 
 Switching between dense deltas is one pass that reads the saved original and writes
 ``original + ΔW_new`` (one fused GEMM-accumulate for LoRA) instead of restore-then-fuse.
@@ -28,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ..errors import FusedStateError
+from .stamp import TensorStamp, stamp_matches
 
 
 class TensorDelta(Protocol):
@@ -57,6 +62,11 @@ Scaled = tuple[TensorDelta, float]
 class _SavedEntries:
     indices: Tensor
     values: Tensor
+    stamp: TensorStamp | None = None  # of ``indices`` when cached (an index tensor may be rewritten)
+
+    def on(self, flat: Tensor) -> tuple[Tensor, Tensor]:
+        """Indices and values on ``flat``'s device, values in its dtype (the model may have moved)."""
+        return self.indices.to(flat.device), self.values.to(device=flat.device, dtype=flat.dtype)
 
 
 class WeightFusion:
@@ -68,8 +78,10 @@ class WeightFusion:
         self._host_copy: Tensor | None = None  # reusable buffer for the dense original
         self._holds_original = False  # the buffer currently equals the original weight
         self._saved_entries: list[_SavedEntries] = []
-        self._originals: dict[int, _SavedEntries] = {}  # id(indices) -> originals at those entries
-        self._version = -1  # weight._version after our last write, to notice writes by others
+        # id(indices) -> originals at those entries; each entry holds its index tensor, so the id
+        # cannot be reused while the entry lives
+        self._originals: dict[int, _SavedEntries] = {}
+        self._weight: TensorStamp | None = None  # the weight as we left it, to notice writes by others
 
     @property
     def is_fused(self) -> bool:
@@ -77,11 +89,11 @@ class WeightFusion:
 
     def set(self, weight: Tensor, deltas: Sequence[Scaled], exact: bool = True) -> None:
         """Make ``weight`` the original plus ``deltas``, replacing whatever is fused now."""
-        if weight._version != self._version:  # written by someone else: cached originals may be stale
+        if not stamp_matches(self._weight, weight):  # replaced, moved or written by someone else
             self._originals.clear()
         with torch.no_grad():
             self._set(weight, tuple(deltas), exact)
-        self._version = weight._version
+        self._weight = TensorStamp(weight)
 
     def _set(self, weight: Tensor, deltas: tuple[Scaled, ...], exact: bool) -> None:
         dense = [d for d in deltas if d[0].support() is None]
@@ -118,8 +130,9 @@ class WeightFusion:
 
     def _cached_originals(self, flat: Tensor, indices: Tensor) -> Tensor:
         cached = self._originals.get(id(indices))
-        if cached is None or cached.indices is not indices or cached.values.dtype != flat.dtype:
-            cached = _SavedEntries(indices, flat.index_select(0, indices))
+        if cached is None or cached.indices is not indices or not stamp_matches(cached.stamp, indices) \
+                or cached.values.dtype != flat.dtype or cached.values.device != flat.device:
+            cached = _SavedEntries(indices, flat.index_select(0, indices), TensorStamp(indices))
             self._originals[id(indices)] = cached
         return cached.values
 
@@ -137,7 +150,7 @@ class WeightFusion:
             elif self.exact:
                 flat = weight.view(-1)
                 for saved in reversed(self._saved_entries):
-                    flat.index_copy_(0, saved.indices, saved.values)
+                    flat.index_copy_(0, *saved.on(flat))
             else:
                 for layer, scale in reversed(self.applied):
                     layer.add_to_weight(weight, -scale)
@@ -174,11 +187,11 @@ class WeightFusion:
         if not self.applied:
             return weight.detach()
         if self._holds_original:
-            return self._host_copy
+            return self._host_copy.to(device=weight.device, dtype=weight.dtype)
         if not self.exact:
             raise FusedStateError("the original weight is unknown after fuse(exact=False); unfuse first")
         restored = weight.detach().clone()
         flat = restored.view(-1)
         for saved in reversed(self._saved_entries):
-            flat.index_copy_(0, saved.indices, saved.values)
+            flat.index_copy_(0, *saved.on(flat))
         return restored

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, CorruptFileError
+from .stamp import TensorStamp, stamp_matches
 
 BITS = (1, 2, 4, 8, 32)
 METHODS = ("gaussian_median", "sign_mean")
@@ -61,18 +62,25 @@ class Quantized:
 
 class Quantizer:
     """Fake quantisation of one adapter tensor, with the codes of the last dequantised value kept
-    until the tensor changes (so a loaded adapter reproduces its saved weights bit for bit)."""
+    until the tensor changes (so a loaded adapter reproduces its saved weights bit for bit).
+
+    The cache is keyed on the tensor's storage, layout, dtype, device and version
+    (:class:`~adapterkit.core.stamp.TensorStamp`), so ``param.data = ...``, ``.to()`` and
+    ``.cuda()`` are noticed. Codes given by :meth:`remember` (a loaded file) survive such moves
+    and copies of the model as long as the tensor still holds exactly their dequantised values.
+    """
 
     def __init__(self, bits: int, method: str = "gaussian_median") -> None:
         check(bits, method)
         self.bits, self.method = bits, method
-        self._cache: tuple[int, int, Quantized] | None = None  # (id, version) of the latent tensor
+        self._stamp: TensorStamp | None = None  # which latent tensor ``_codes`` belong to
+        self._codes: Quantized | None = None
+        self._remembered = False  # _codes came from a file, not from quantising the latent
 
     def quantize(self, latent: Tensor) -> Quantized:
+        if self._codes is not None and (stamp_matches(self._stamp, latent) or self._still_remembered(latent)):
+            return self._codes
         w = latent.detach().float()
-        cached = self._cache
-        if cached is not None and cached[:2] == (id(latent), latent._version):
-            return cached[2]
         if self.method == "sign_mean":
             result = Quantized((w > 0).long().view(-1), torch.zeros((), device=w.device), w.abs().mean())
         else:
@@ -80,8 +88,24 @@ class Quantizer:
             levels, thresholds = codebook(self.bits)
             standard = (w - mu) / (sigma + EPS)
             result = Quantized(torch.bucketize(standard.view(-1), thresholds.to(w.device)), mu, sigma)
-        self._cache = (id(latent), latent._version, result)
+        self._keep(latent, result, remembered=False)
         return result
+
+    def _still_remembered(self, latent: Tensor) -> bool:
+        """Remembered codes stay valid for a moved or converted latent with the same values (a
+        one-off comparison after the move; re-quantising them could give other codes)."""
+        q = self._codes
+        if not self._remembered or latent.numel() != q.codes.numel():
+            return False
+        values = latent.detach().float().view(-1)
+        q = Quantized(q.codes.to(values.device), q.mu.to(values.device), q.sigma.to(values.device))
+        if not torch.equal(self.dequantize(q, values.shape), values):
+            return False
+        self._keep(latent, q, remembered=True)
+        return True
+
+    def _keep(self, latent: Tensor, q: Quantized, remembered: bool) -> None:
+        self._stamp, self._codes, self._remembered = TensorStamp(latent), q, remembered
 
     def levels(self, device: Any) -> Tensor:
         return (torch.tensor([-1.0, 1.0]) if self.method == "sign_mean" else codebook(self.bits)[0]).to(device)
@@ -95,7 +119,7 @@ class Quantizer:
 
     def remember(self, latent: Tensor, q: Quantized) -> None:
         """After loading: ``latent`` holds ``dequantize(q)``; keep using exactly ``q``."""
-        self._cache = (id(latent), latent._version, q)
+        self._keep(latent, q, remembered=True)
 
 
 class _FakeQuantize(torch.autograd.Function):

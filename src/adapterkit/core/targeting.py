@@ -3,7 +3,11 @@
 * ``exclude_modules`` wins; modules named in ``modules_to_save`` (and their children) are never targets.
 * a string is a regex that must match the whole module name;
 * a list matches an exact module name or a ``.name`` suffix;
-* ``"all-linear"`` is every ``nn.Linear`` (and GPT-2 ``Conv1D``) except the output head;
+* ``"all-linear"`` is every ``nn.Linear`` (and GPT-2 ``Conv1D``) except the output heads: the
+  output embedding (``get_output_embeddings()``, or a module named ``lm_head``) and, in
+  ``*ForSequenceClassification`` / ``*ForTokenClassification`` models, the task head — a module
+  named ``classifier`` or ``score`` and everything inside it (as PEFT for ``SEQ_CLS``). A fresh head
+  is trained in full: name it in ``modules_to_save``, or target it by name;
 * ``layers_to_transform`` / ``layers_pattern`` keep only modules in the listed layer indices.
 
 Names are the model's own module paths; modules already wrapped by adapterkit count under their
@@ -83,12 +87,21 @@ def _layer_index(name: str, patterns: tuple[str, ...] | str | None) -> int | Non
     return None
 
 
+CLASSIFIER_MODELS = ("ForSequenceClassification", "ForTokenClassification")
+CLASSIFIER_HEADS = ("classifier", "score")
+
+
 def _output_head_names(model: nn.Module) -> set[str]:
+    """Modules ``"all-linear"`` leaves alone: output embeddings and classification heads."""
     names = set()
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
+    classifier = type(model).__name__.endswith(CLASSIFIER_MODELS)
     for name, module in logical_modules(model):
         if module is head or name.split(".")[-1] == "lm_head":
+            names.add(name)
+        elif classifier and name.split(".")[-1] in CLASSIFIER_HEADS:
+            names.update(f"{name}.{inner}" for inner, _ in logical_modules(module))  # a head block: all of it
             names.add(name)
     return names
 

@@ -16,9 +16,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..core.outputs import loss_of, logits_of
+from ..core.snapshot import ModelSnapshot
 from ..core.registry import AdapterMethod
 from ..core.state import active_records
 from ..core.steps import step
+from ..errors import AdapterError, ConfigError
 
 Batch = Mapping[str, Tensor]
 
@@ -37,7 +39,6 @@ def default_learning_rate(model: nn.Module) -> float:
              * (LOW_BIT_LR_FACTOR if record.config.bits <= LOW_BIT_MAX_BITS else 1.0)
              for _, record in active_records(model)]
     return max(rates, default=AdapterMethod.default_learning_rate)
-
 
 
 class LabelledTexts(Protocol):
@@ -160,9 +161,11 @@ def train(
     """
     if lr is None:
         lr = default_learning_rate(model)
+    _check_options(epochs, lr, weight_decay, warmup, max_grad_norm)
+    _check_iterable(batches)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("the model has no trainable parameters; attach an adapter first")
+        raise ConfigError("the model has no trainable parameters; attach an adapter first")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     total = epochs * len(batches) if hasattr(batches, "__len__") else None
     warm = max(1, int(warmup * total)) if total else 1
@@ -173,16 +176,21 @@ def train(
         return max(0.0, (total - step) / max(1, total - warm)) if total else 1.0
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    was_training = model.training
+    rollback = _Rollback(model, params)  # a failed run leaves the model as it was
     model.train()
     frozen_norms = FrozenNormStatistics(model)
     losses: list[float] = []
     bar = tqdm(total=total, desc="train", disable=not progress, leave=False, mininterval=1.0)
+    where = "before the first batch"
     try:
-        for _ in range(epochs):
-            for batch in batches:
+        for epoch in range(epochs):
+            for index, batch in enumerate(batches):
+                where = f"epoch {epoch}, batch {index}"
                 step(model)
-                loss = loss_fn(model, batch) if loss_fn is not None else loss_of(model(**batch))
+                loss = loss_fn(model, batch) if loss_fn is not None else loss_of(model(**_kwargs(batch, where)))
+                if not isinstance(loss, Tensor) or loss.dim() != 0 or not loss.requires_grad:
+                    raise ConfigError(f"{where}: the model returned no differentiable scalar loss (got "
+                                      f"{type(loss).__name__}); include labels in the batches or pass loss_fn")
                 loss.backward()
                 if max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -194,27 +202,110 @@ def train(
                     on_step(len(losses), losses[-1])
                 bar.update(1)
                 bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    except Exception as error:  # interrupting (KeyboardInterrupt) keeps the progress made
+        rollback.restore()
+        raise _as_adapter_error(error, f"training ({where})") from error
     finally:
         bar.close()
         frozen_norms.remove()
-        model.train(was_training)
+    rollback.modes()
     return losses
+
+
+def _check_options(epochs: Any, lr: Any, weight_decay: Any, warmup: Any, max_grad_norm: Any) -> None:
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
+        raise ConfigError(f"epochs must be a non-negative integer, got {epochs!r}")
+    if not number(lr) or lr <= 0:
+        raise ConfigError(f"lr must be a finite number > 0, got {lr!r}")
+    if not number(weight_decay) or weight_decay < 0:
+        raise ConfigError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    if not number(warmup) or not 0 <= warmup <= 1:
+        raise ConfigError(f"warmup must be a fraction of the steps in [0, 1], got {warmup!r}")
+    if max_grad_norm is not None and (not number(max_grad_norm) or max_grad_norm <= 0):
+        raise ConfigError(f"max_grad_norm must be None or a finite number > 0, got {max_grad_norm!r}")
+
+
+def _check_iterable(batches: Any) -> None:
+    if isinstance(batches, (Mapping, str, bytes, Tensor)) or not isinstance(batches, Iterable):
+        raise ConfigError(f"batches must be an iterable of keyword-argument dicts (e.g. a list of them), "
+                          f"got {type(batches).__name__}")
+
+
+def _kwargs(batch: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(batch, Mapping) or not all(isinstance(k, str) for k in batch):
+        raise ConfigError(f"{where}: a batch must be a dict of keyword arguments for model(**batch), "
+                          f"got {type(batch).__name__}")
+    return batch
+
+
+def _as_adapter_error(error: Exception, doing: str) -> Exception:
+    """Errors of the model's own forward on a bad batch, as a :class:`ConfigError` (ours, and
+    running out of memory, pass unchanged)."""
+    if isinstance(error, AdapterError) or isinstance(error, torch.OutOfMemoryError):
+        return error
+    return ConfigError(f"{doing} failed; the model is unchanged: {type(error).__name__}: {error}")
+
+
+class _Rollback:
+    """Undo a training run: module tree, hooks and every module's train/eval flag, gradients,
+    and the values of the trainable parameters and of all buffers (the frozen base weights are
+    never written by the loop, so they are not copied)."""
+
+    def __init__(self, model: nn.Module, params: list[Tensor]) -> None:
+        self.snapshot = ModelSnapshot(model, values=False)
+        self.values = [(t, t.detach().clone()) for t in [*params, *model.buffers()]]
+
+    def modes(self) -> None:
+        """Only the train/eval flags back (after a successful run)."""
+        for state in self.snapshot.modules:
+            state.module.training = state.training
+
+    def restore(self) -> None:
+        self.snapshot.restore()
+        with torch.no_grad():
+            for tensor, value in self.values:
+                tensor.copy_(value)
 
 
 @torch.no_grad()
 def predict(model: nn.Module, batches: Iterable[Batch]) -> Tensor:
     """Logits for every batch, concatenated (labels in the batches are ignored)."""
-    was_training = model.training
+    _check_iterable(batches)
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
+    where = "before the first batch"
     try:
-        return torch.cat([logits_of(model(**{k: v for k, v in b.items() if k != "labels"})) for b in batches])
+        logits = []
+        for index, batch in enumerate(batches):
+            where = f"batch {index}"
+            inputs = {k: v for k, v in _kwargs(batch, f"batch {index}").items() if k != "labels"}
+            out = logits_of(model(**inputs))
+            if not isinstance(out, Tensor) or out.dim() == 0:
+                raise ConfigError(f"batch {index}: the model's output has no logits tensor (got {type(out).__name__})")
+            logits.append(out)
+        if not logits:
+            raise ConfigError("predict got no batches")
+        return torch.cat(logits)
+    except Exception as error:
+        raise _as_adapter_error(error, f"prediction ({where})") from error
     finally:
-        model.train(was_training)
+        for module, mode in modes:  # every module's own flag, not one flag for all
+            module.training = mode
 
 
 def accuracy(model: nn.Module, batches: Iterable[Batch]) -> float:
     """Fraction of examples whose arg-max logit equals the label."""
+    _check_iterable(batches)
     batches = list(batches)
+    for index, batch in enumerate(batches):
+        if not isinstance(_kwargs(batch, f"batch {index}").get("labels"), Tensor):
+            raise ConfigError(f"batch {index}: accuracy needs a 'labels' tensor in every batch")
     predictions = predict(model, batches).argmax(-1)
-    labels = torch.cat([b["labels"] for b in batches])
+    labels = torch.cat([b["labels"].reshape(-1) for b in batches])
+    if labels.shape != predictions.reshape(-1).shape:
+        raise ConfigError(f"{labels.numel()} labels for {predictions.numel()} predictions; give one label per example")
+    predictions = predictions.reshape(-1).to(labels.device)
     return (predictions == labels).float().mean().item()

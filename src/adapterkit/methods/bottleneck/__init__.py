@@ -1,7 +1,7 @@
 """Bottleneck adapters: sequential (Houlsby, Pfeiffer) and parallel (He et al., AdaptFormer), linear or 1×1-conv."""
 
 from .config import BottleneckConfig
-from .layer import BottleneckLayer, can_wrap, feature_dims
+from .layer import BottleneckLayer, can_wrap, check_fits, feature_dims
 from .method import BottleneckMethod
 
-__all__ = ["BottleneckConfig", "BottleneckLayer", "BottleneckMethod", "can_wrap", "feature_dims"]
+__all__ = ["BottleneckConfig", "BottleneckLayer", "BottleneckMethod", "can_wrap", "check_fits", "feature_dims"]

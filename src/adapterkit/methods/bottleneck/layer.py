@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ...errors import TargetError
 from ...core.layers import ModuleLayer
+from ...core.snapshot import ModelSnapshot
 from .config import BottleneckConfig
 
 ACTIVATION_FUNCTIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
@@ -112,3 +113,46 @@ class BottleneckLayer(ModuleLayer):
     def extra_repr(self) -> str:
         kind = "parallel" if self.parallel else "sequential"
         return f"adapter={self.adapter_name!r}, {kind}, activation={self.activation}, scaling={self.scaling:g}"
+
+
+PROBE_SIZE = 16  # height and width of the probe image for convolutional modules
+
+
+def check_fits(layer: BottleneckLayer, module: nn.Module, module_name: str) -> None:
+    """Refuse at attach an adapter whose output cannot be added to ``module``'s (a parallel adapter
+    beside a strided or reshaping block, a sequential one after a block of another width).
+
+    Probes with one forward of the module and the adapter on a tiny zero input, in eval mode
+    without gradients and random draws; the module's structure, hooks and modes are restored. A
+    module that cannot run on its input alone (it needs further arguments) is not probed: the
+    forward then reports a mismatch.
+    """
+    in_dim, _, conv = feature_dims(module, module_name)
+    param = next((p for p in module.parameters() if p.is_floating_point()), None)
+    dtype, device = (torch.float32, None) if param is None else (param.dtype, param.device)
+    shape = (1, in_dim, PROBE_SIZE, PROBE_SIZE) if conv else (1, 2, in_dim)
+    probe = torch.zeros(shape, dtype=dtype, device=device)
+    cuda = sorted({p.device.index or 0 for p in module.parameters() if p.is_cuda})
+    modes = [(m, m.training) for m in layer.modules()]
+    try:
+        with ModelSnapshot(module, values=False), torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            module.eval()
+            layer.eval()
+            try:
+                output = module(probe)
+            except Exception:  # noqa: BLE001 - the module needs more than one input: not probed
+                return
+            hidden, _ = split_output(output)
+            if not isinstance(hidden, Tensor):
+                raise TargetError(f"module {module_name!r} ({type(module).__name__}) returns {type(hidden).__name__}, "
+                                  "not a tensor (or a tuple starting with one) that an adapter can add to")
+            try:
+                layer.adapt(probe, output, 1.0)
+            except TargetError as error:
+                raise TargetError(f"module {module_name!r} ({type(module).__name__}): {error}") from None
+            except RuntimeError as error:
+                raise TargetError(f"module {module_name!r} ({type(module).__name__}): the adapter does not fit its "
+                                  f"output {tuple(hidden.shape)} for input {shape}: {error}") from None
+    finally:
+        for submodule, mode in modes:
+            submodule.training = mode

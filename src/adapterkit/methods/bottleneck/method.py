@@ -9,7 +9,7 @@ from torch import nn
 from ...core.config import AdapterConfig
 from ...core.registry import AdapterMethod, register_method
 from .config import BottleneckConfig
-from .layer import BottleneckLayer, can_wrap, feature_dims
+from .layer import BottleneckLayer, can_wrap, check_fits, feature_dims
 
 
 def module_device(module: nn.Module) -> Any:
@@ -30,4 +30,6 @@ class BottleneckMethod(AdapterMethod):
                      context: Any = None) -> BottleneckLayer:
         assert isinstance(config, BottleneckConfig)
         in_dim, out_dim, conv = feature_dims(module, module_name)
-        return BottleneckLayer(adapter_name, config, in_dim, out_dim, conv, module_name, module_device(module))
+        layer = BottleneckLayer(adapter_name, config, in_dim, out_dim, conv, module_name, module_device(module))
+        check_fits(layer, module, module_name)  # a mismatch is reported now, not at the first forward
+        return layer

@@ -93,7 +93,8 @@ class LoRALayer(DeltaLayer):
         in_place = source is weight
         if weight.dim() > 2:  # conv: the same GEMM on the flattened views
             weight, source = weight.view(weight.shape[0], -1), source.reshape(source.shape[0], -1)
-        if weight.dtype == torch.float32 and weight.device == left.device:
+        wide = torch.promote_types(left.dtype, torch.float32)  # fp32, or fp64 after model.double()
+        if weight.dtype == wide and weight.device == left.device:
             if in_place:
                 weight.addmm_(left, right, alpha=alpha)
             elif source.device == weight.device and source.dtype == weight.dtype:
@@ -102,9 +103,9 @@ class LoRALayer(DeltaLayer):
                 weight.copy_(source)
                 weight.addmm_(left, right, alpha=alpha)
             return
-        acc = self.scratch(weight.shape, torch.float32, left.device)  # low precision: accumulate in fp32, round once
+        acc = self.scratch(weight.shape, wide, left.device)  # low precision: accumulate wide, round once
         acc.copy_(source)
-        acc.addmm_(left, right, alpha=alpha)
+        acc.addmm_(left.to(wide), right.to(wide), alpha=alpha)
         weight.copy_(acc)
 
     def extra_repr(self) -> str:

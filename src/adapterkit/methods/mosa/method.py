@@ -11,9 +11,9 @@ from ...errors import TargetError
 from ...core.layers import AdapterLayer
 from ...core.registry import AdapterMethod, method_for, register_method
 from ...core.state import active_records
-from ..bottleneck import BottleneckConfig, BottleneckLayer, can_wrap, feature_dims
+from ..bottleneck import BottleneckConfig, BottleneckLayer, can_wrap, check_fits, feature_dims
 from ..bottleneck.method import module_device
-from ..lora import LoRALayer
+from ..lora import LoRALayer, is_lora_target
 from .config import MoSAConfig
 from .layers import MoSABottleneckLayer, MoSALoRALayer, _Splits
 
@@ -35,7 +35,12 @@ class MoSAMethod(AdapterMethod):
                               f"{type(config.base).method} adapter")
         if isinstance(config.base, BottleneckConfig):
             in_dim, out_dim, conv = feature_dims(module, module_name)
-            return MoSABottleneckLayer(adapter_name, config, in_dim, out_dim, conv, module_name, module_device(module))
+            layer = MoSABottleneckLayer(adapter_name, config, in_dim, out_dim, conv, module_name, module_device(module))
+            check_fits(layer, module, module_name)
+            return layer
+        if not is_lora_target(module):  # MoSA's split LoRA is written for linear layers only
+            raise TargetError(f"module {module_name!r} ({type(module).__name__}) cannot host a MoSA LoRA adapter: only "
+                              "nn.Linear (and GPT-2 Conv1D) layers can; use a bottleneck base for convolutions")
         return MoSALoRALayer(adapter_name, module, config, module_name)
 
     def on_step(self, config: AdapterConfig, layers: list[AdapterLayer]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ...core.stamp import TensorStamp, stamp_matches
 from ...errors import CorruptFileError
 
 
@@ -32,16 +33,22 @@ class SplitWeight(nn.Module):
         self.n_modules, self.legacy = n_modules, legacy
         self.register_buffer("initial", initial.detach().to(torch.float32).clone())
         self.register_buffer("part", partition(initial.numel(), n_modules, seed).view(initial.shape))
-        self._index_modules()
+        self._indices: tuple[TensorStamp, list[Tensor]] | None = None
         self.values = nn.ParameterList(
             nn.Parameter(torch.zeros(len(i), device=initial.device)) for i in self.indices)
         self.biases = None if bias is None else nn.ParameterList(
             nn.Parameter(bias.detach().to(torch.float32).clone()) for _ in range(n_modules))
         self.selected = 0
 
-    def _index_modules(self) -> None:
-        flat = self.part.view(-1)
-        self.indices = [(flat == k).nonzero().view(-1) for k in range(self.n_modules)]
+    @property
+    def indices(self) -> list[Tensor]:
+        """Flat positions of each module's entries, derived from ``part`` and rebuilt whenever
+        ``part`` is another tensor, was written, or moved (``.to()``, ``.cuda()``, loading)."""
+        cached = self._indices
+        if cached is None or not stamp_matches(cached[0], self.part):
+            flat = self.part.view(-1)
+            cached = self._indices = (TensorStamp(self.part), [(flat == k).nonzero().view(-1) for k in range(self.n_modules)])
+        return cached[1]
 
     @property
     def shape(self) -> torch.Size:
@@ -74,7 +81,6 @@ class SplitWeight(nn.Module):
         flat = self.part.view(-1)
         if flat.min() < 0 or flat.max() >= self.n_modules:
             raise CorruptFileError(f"{where}: MoSA partition has module ids outside 0..{self.n_modules - 1}")
-        self._index_modules()
         for k, (index, values) in enumerate(zip(self.indices, self.values)):
             if len(index) != len(values):
                 raise CorruptFileError(f"{where}: MoSA module {k} has {len(values)} values for {len(index)} entries")

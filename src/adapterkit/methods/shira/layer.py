@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ...errors import BaseModelMismatchError, CorruptFileError
 from ...core.layers import DeltaLayer
+from ...core.stamp import TensorStamp, stamp_matches
 from . import masks
 from ...io import sparse_indices as storage
 from .kernels import SparseDelta, SparseLinear, csr_pattern
@@ -54,11 +55,12 @@ class ShiraLayer(DeltaLayer):
 
     # -- compute -----------------------------------------------------------------------------
     def _pattern(self) -> Tensor:
-        """The mask as CSR, cached until the indices change (loading) or move (``.to``)."""
+        """The mask as CSR, cached until the indices change (loading, in-place writes,
+        ``indices.data = ...``) or move (``.to``)."""
         cached = getattr(self, "_csr", None)
-        if cached is None or cached[0] is not self.indices:
-            self._csr = (self.indices, csr_pattern(self.indices, self.shape))
-        return self._csr[1]
+        if cached is None or cached[0] is not self.indices or not stamp_matches(cached[1], self.indices):
+            self._csr = (self.indices, TensorStamp(self.indices), csr_pattern(self.indices, self.shape))
+        return self._csr[2]
 
     def __getstate__(self) -> dict:
         state = dict(super().__getstate__())

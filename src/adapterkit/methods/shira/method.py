@@ -70,9 +70,11 @@ class ShiraMethod(AdapterMethod):
         return isinstance(module, nn.Linear)
 
     def setup(self, model: nn.Module, config: AdapterConfig, adapter_name: str, targets: dict[str, nn.Module],
-              calibration: Iterable[Any] | None = None, loss_fn: Any = None) -> dict[str, Any]:
+              calibration: Iterable[Any] | None = None, loss_fn: Any = None, **options: Any) -> dict[str, Any]:
         """Check the budgets, gather the supports to avoid, and compute calibration gradients."""
         assert isinstance(config, ShiraConfig)
+        if options:
+            raise ConfigError(f"method 'shira' takes the attach options calibration and loss_fn, got {sorted(options)}")
         if config.mask == "struct" and config.avoid:
             raise ConfigError("struct masks cannot avoid other adapters")
         for path, module in targets.items():
