@@ -59,7 +59,7 @@ class MoSAConfig(AdapterConfig):
     def validate(self) -> None:
         if self.bits != 32 or self.base.bits != 32:
             raise ConfigError("MoSAConfig: low-bit MoSA training is not supported; train in full precision, then "
-                              "ak.merge(model, name) and ak.quantize(model, name, bits) the merged adapter")
+                              "ak.to_plain(model, name) and ak.quantize(model, name, bits) the merged adapter")
         if not isinstance(self.n_modules, int) or isinstance(self.n_modules, bool) or self.n_modules < 2:
             raise ConfigError(f"MoSAConfig: n_modules must be an integer >= 2, got {self.n_modules!r}")
         if self.split not in SPLITS:
