@@ -23,6 +23,7 @@ from .layer import DyLoRALayer
 class DyLoRAMethod(AdapterMethod):
     name = "dylora"
     config_class = DyLoRAConfig
+    default_learning_rate = 3e-3
 
     def supports(self, module: nn.Module) -> bool:
         return is_lora_target(module)
