@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from ..core import quantization
 from .._version import __version__
-from ..core.api import PreparedAdapter, activate, adapters, check_adapter_name, commit, prepare
+from ..core.api import activate, adapters
+from ..core.build import PreparedAdapter, check_adapter_name, commit, prepare
 from ..core.api import fuse as fuse_adapters
 from ..core.composition import COMPOSITION_FILE, Stack
 from ..errors import (

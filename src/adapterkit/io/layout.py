@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from ..core.api import check_adapter_name
+from ..core.build import check_adapter_name
 from ..core.composition import COMPOSITION_FILE, Stack
 from ..errors import AdapterError
 from .peft_format import CONFIG_FILE, WEIGHTS_FILE as PEFT_WEIGHTS_FILE
