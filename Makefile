@@ -24,6 +24,12 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not integration"
 
+# The Hypothesis state machine (tests/test_stateful.py) with the "nightly" profile of tests/conftest.py:
+# 2,000 call sequences of up to 50 steps instead of 100 of 30 (about 7 minutes on 2 cores; the default: ~10 s).
+.PHONY: test-nightly
+test-nightly: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_stateful.py --hypothesis-profile=nightly --hypothesis-show-statistics
+
 # Every benchmark, one after another (hours on 2 cores; run on an otherwise idle machine once src/ is
 # committed: each result records the commit and src/ tree it measured, see `make bench-check`).
 # Benchmark-only extras, not in the base install: SmolLM2-135M (GGUF weights; its declared dependencies

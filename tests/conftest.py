@@ -10,9 +10,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
+import adapterkit as ak
+from hypothesis import settings
 from torch import nn
 
 torch.set_num_threads(2)
+
+# Hypothesis budgets: the default run stays under a minute on 2 cores; `make test-nightly`
+# (pytest --hypothesis-profile=nightly) explores far more sequences. No example database:
+# a failure prints its reproduction, and no .hypothesis/ folder appears in the checkout.
+settings.register_profile("adapterkit", max_examples=100, stateful_step_count=30, deadline=None, database=None)
+settings.register_profile("nightly", settings.get_profile("adapterkit"), max_examples=2000, stateful_step_count=50)
+settings.load_profile("adapterkit")
 
 
 def tiny_bert_config(**overrides):
@@ -78,3 +87,31 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
     assert after["tensors"].keys() == before["tensors"].keys()
     for key, value in before["tensors"].items():
         assert torch.equal(after["tensors"][key], value), key
+
+
+def randomise(model: nn.Module, name: str, *, seed: int = 0, scale: float = 0.1, add: bool = False) -> None:
+    """Give adapter ``name`` seeded random values, so it visibly changes outputs: every tensor
+    becomes ``scale · N(0, 1)`` noise (``add=True``: the noise is added to the current values)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in ak.adapter_parameters(model, name):
+            noise = torch.randn(param.shape, generator=g) * scale
+            if add:
+                param.add_(noise)
+            else:
+                param.copy_(noise)
+
+
+def lora_of_ones(weight: torch.Tensor, name: str = "ones") -> nn.Module:
+    """``nn.Sequential(Linear)`` with base weight ``weight`` (no bias) and a rank-1 LoRA ``name`` whose
+    ΔW is all ones (A = B = 1, scale 1): fused, an fp32 entry w in [0, 1) becomes fl(1 + w), so
+    subtracting ΔW again loses what fp32 cannot hold next to 1 (e.g. 1e-9 vanishes)."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    model = nn.Sequential(layer)
+    ak.attach(model, ak.LoRAConfig(r=1, alpha=1.0, target_modules=["0"]), name)
+    with torch.no_grad():
+        for param in ak.adapter_parameters(model, name):
+            param.fill_(1.0)
+    return model

@@ -10,7 +10,7 @@ import re
 import peft
 import pytest
 import torch
-from conftest import assert_unchanged, snapshot
+from conftest import assert_unchanged, randomise, snapshot
 from torch import nn
 
 import adapterkit as ak
@@ -18,18 +18,11 @@ from adapterkit.cli.main import main
 from adapterkit.core.state import get_state
 
 
-def randomise(model: nn.Module, name: str = "d") -> None:
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for param in ak.adapter_parameters(model, name):
-            param.copy_(torch.randn(param.shape, generator=g) * 0.1)
-
-
 def dylora_bert(base: nn.Module, **config) -> nn.Module:
     model = copy.deepcopy(base)
     ak.attach(model, ak.DyLoRAConfig(**{"r_max": 6, "target_modules": ["query", "value"],
                                         "modules_to_save": ["classifier"], **config}), "d")
-    randomise(model)
+    randomise(model, "d", seed=5)
     return model.eval()
 
 

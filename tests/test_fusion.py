@@ -8,6 +8,7 @@ from torch import nn
 
 import adapterkit as ak
 from adapterkit.core.host import AdaptedModule
+from conftest import lora_of_ones
 
 
 def _model(dtype=torch.float32, seed: int = 0) -> nn.Module:
@@ -88,14 +89,19 @@ def test_weighted_multi_adapter_fuse_equals_weighted_unfused_sum():
     torch.testing.assert_close(model(x), unfused, rtol=1e-5, atol=1e-5)
 
 
-def test_inexact_fuse_subtracts_and_drifts_but_stays_close():
-    model = _with_two_adapters()
-    original = _base_weights(model)
-    for _ in range(50):
-        ak.fuse(model, ["a"], exact=False)
-        ak.unfuse(model)
-    for name, weight in _base_weights(model).items():
-        torch.testing.assert_close(weight, original[name], rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("exact", [True, False])
+def test_inexact_fuse_loses_the_bits_fp32_cannot_hold_and_exact_fuse_keeps_them(exact):
+    """ΔW = all ones: fused, an fp32 entry w in [0, 1) becomes fl(1 + w), so unfusing by subtraction
+    leaves w rounded to a multiple of 2⁻²³ (1e-9 vanishes); an exact fuse gives w back."""
+    original = torch.tensor([[0.1, 1e-9], [0.2, -0.25]])
+    model = lora_of_ones(original)
+    ak.fuse(model, exact=exact)
+    assert torch.equal(model[0].weight, torch.tensor([[1.1, 1.0], [1.2, 0.75]]))  # fp32 rounding of 1 + w
+    ak.unfuse(model)
+    ulp = 2.0**-23  # fp32 spacing in [1, 2): fp32(0.1) = 838860.81·ulp, fp32(0.2) = 1677721.63·ulp; 0.75 is exact
+    drifted = torch.tensor([[838861 * ulp, 0.0], [1677722 * ulp, -0.25]])
+    assert torch.equal(model[0].weight, original if exact else drifted)
+    assert exact or not torch.equal(drifted, original)
 
 
 def test_exact_fuse_keeps_a_reusable_host_copy_until_freed():

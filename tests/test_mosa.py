@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_unchanged, snapshot
+from conftest import assert_unchanged, randomise, snapshot
 from torch import nn
 
 import adapterkit as ak
@@ -27,13 +27,6 @@ def mosa_mlp(split: str = "up", base: str = "bottleneck", **config) -> nn.Module
         base_config = ak.LoRAConfig(r=4, alpha=8, target_modules=["0", "2"])
     ak.attach(model, ak.MoSAConfig(base=base_config, n_modules=4, split=split, **config), "m")
     return model
-
-
-def randomise_values(model: nn.Module, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in ak.adapter_parameters(model, "m"):
-            param.add_(torch.randn(param.shape, generator=g) * 0.3)
 
 
 def splits(model: nn.Module) -> list[SplitWeight]:
@@ -103,7 +96,7 @@ def test_choices_are_seeded_per_layer_and_exactly_one_module_runs():
     assert seq_a == seq_b and len({tuple(c) for c in seq_a}) > 1
     assert any(c[0] != c[1] for c in seq_a)  # layers choose independently
     model = mosa_mlp()
-    randomise_values(model)
+    randomise(model, "m", seed=1, scale=0.3, add=True)
     model.train()
     layer = model[2].layer("m")
     x = torch.randn(3, 16)
@@ -117,7 +110,7 @@ def test_choices_are_seeded_per_layer_and_exactly_one_module_runs():
 @pytest.mark.parametrize("base", ["bottleneck", "lora"])
 def test_merge_is_the_mean_of_the_module_outputs_with_a_plain_adapters_shapes(base, tmp_path):
     model = mosa_mlp("up", base)
-    randomise_values(model)
+    randomise(model, "m", seed=1, scale=0.3, add=True)
     x = torch.randn(7, 12)
     outs = []
     model.train()
@@ -222,7 +215,7 @@ def test_two_pass_loss_draws_fresh_modules_for_the_second_pass_in_ak_train_and_t
 
 def test_save_load_round_trip_and_corrupt_partitions(tmp_path):
     model = mosa_mlp("both", update_unselected="legacy")
-    randomise_values(model)
+    randomise(model, "m", seed=1, scale=0.3, add=True)
     ak.save(model, tmp_path / "ok", "m")
     fresh = mosa_mlp("both", seed=7)
     ak.detach(fresh, "m")
@@ -259,7 +252,7 @@ def test_bad_configs_raise_clear_errors(overrides, message):
 
 def test_merging_a_fused_mosa_lora_is_refused_and_changes_nothing():
     model = mosa_mlp("up", "lora")
-    randomise_values(model)
+    randomise(model, "m", seed=1, scale=0.3, add=True)
     ak.fuse(model, ["m"])
     before = snapshot(model)
     with pytest.raises(ak.FusedStateError, match="unfuse"):

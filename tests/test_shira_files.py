@@ -17,7 +17,7 @@ import adapterkit as ak
 from adapterkit.io.safefiles import tensors_digest
 from adapterkit.io import sparse_indices as storage
 from adapterkit.core.state import get_state
-from conftest import assert_unchanged, snapshot
+from conftest import assert_unchanged, randomise, snapshot
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter.safetensors"
 TARGETS = ["0", "2"]
@@ -43,13 +43,6 @@ def diagonal_band(weight, budget, *, generator, gradient):
 
 def layers(model, name):
     return dict(get_state(model).layers(name))
-
-
-def randomise(model, name, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in ak.adapter_parameters(model, name):
-            param.copy_(torch.randn(param.shape, generator=g) * 0.1)
 
 
 def keys_by_module(path):

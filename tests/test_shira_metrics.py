@@ -38,15 +38,14 @@ def test_awor_is_zero_for_dense_low_rank_and_one_for_disjoint_rows():
 
 
 def test_awom_is_the_spectral_or_frobenius_norm_of_the_product():
-    """AWOM = ‖A₁ᵀA₂‖ with the spectral norm by default and Frobenius with norm="fro"."""
-    g = torch.Generator().manual_seed(2)
-    a, b = torch.randn(40, 24, generator=g), torch.randn(40, 24, generator=g)
-    product = a.t() @ b
-    assert ak.metrics.awom(a, b) == pytest.approx(torch.linalg.matrix_norm(product, 2).item(), rel=1e-5)
-    assert ak.metrics.awom(a, b, "fro") == pytest.approx(product.norm().item(), rel=1e-5)
-    assert ak.metrics.awom(a, b) < ak.metrics.awom(a, b, "fro")
+    """A₁ᵀA₂ = diag(3, 4) by hand: spectral norm 4, Frobenius norm 5, AWOR = 2 zeros of 4."""
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    b = torch.tensor([[3.0, 0.0], [0.0, 4.0], [5.0, 5.0]])  # the third row meets a's zero row
+    assert ak.metrics.awom(a, b) == pytest.approx(4.0)
+    assert ak.metrics.awom(a, b, "fro") == pytest.approx(5.0)
+    assert ak.metrics.awor(a, b) == 0.5
     with pytest.raises(ValueError):
-        ak.metrics.awor(a, b[:, :10])
+        ak.metrics.awor(a, b[:, :1])
 
 
 def test_disjoint_struct_adapters_satisfy_lemma_4_5():
@@ -87,14 +86,34 @@ def test_orthogonality_reports_each_shared_layer_and_the_means():
         assert metrics.awom_spectral == pytest.approx(ak.metrics.awom(da, db), rel=1e-5)
         assert metrics.awom_fro == pytest.approx(ak.metrics.awom(da, db, "fro"), rel=1e-5)
         assert abs(metrics.awor - (1 - 0.05**2) ** 64) < 0.03
-    assert report.awor == pytest.approx(sum(m.awor for m in report.layers.values()) / 2)
-    assert report.awom_fro == pytest.approx(sum(m.awom_fro for m in report.layers.values()) / 2)
     # Remark 1: at this sparsity, non-overlapping masks are not much more orthogonal than overlapping ones
     overlap, disjoint = ak.metrics.orthogonality(model, "b", "b").awor, ak.metrics.orthogonality(model, "b", "c").awor
     expected = (1 - 0.05**2) ** 64
     assert abs(overlap - expected) < 0.03 and abs(disjoint - expected) < 0.03
     with pytest.raises(ak.AdapterNotFoundError):
         ak.metrics.orthogonality(model, "a", "nope")
+
+
+def test_orthogonality_of_hand_set_deltas_per_layer_and_averaged():
+    """Rank-1 LoRAs (scale 1) set by hand. Layer 0: ΔW_a = [[1,0],[0,0]], ΔW_b = [[3,4],[0,0]], so
+    ΔW_aᵀΔW_b = [[3,4],[0,0]]: AWOR 1/2, both norms 5. Layer 1: ΔW_b = [[0,0],[0,2]] meets a's zero
+    row: the product is zero (AWOR 1, norms 0). Means: 3/4 and 5/2."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    factors = {"a": {"0": ([1.0, 0.0], [1.0, 0.0]), "1": ([1.0, 0.0], [1.0, 0.0])},  # module: (B column, A row)
+               "b": {"0": ([1.0, 0.0], [3.0, 4.0]), "1": ([0.0, 1.0], [0.0, 2.0])}}
+    for name, layers in factors.items():
+        ak.attach(model, ak.LoRAConfig(r=1, alpha=1.0, target_modules=["0", "1"]), name)
+        for path, (column, row) in layers.items():
+            layer = model.get_submodule(path).layer(name)
+            with torch.no_grad():
+                layer.lora_B.copy_(torch.tensor(column).view(2, 1))
+                layer.lora_A.copy_(torch.tensor(row).view(1, 2))
+    report = ak.metrics.orthogonality(model, "a", "b")
+    assert report.layers["0"].awor == 0.5 and report.layers["1"].awor == 1.0
+    assert report.layers["0"].awom_spectral == pytest.approx(5.0) and report.layers["0"].awom_fro == pytest.approx(5.0)
+    assert report.layers["1"].awom_spectral == 0.0 and report.layers["1"].awom_fro == 0.0
+    assert report.awor == 0.75
+    assert report.awom_spectral == pytest.approx(2.5) and report.awom_fro == pytest.approx(2.5)
 
 
 def test_orthogonality_of_adapters_without_a_shared_layer_raises():

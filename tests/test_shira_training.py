@@ -11,6 +11,7 @@ from torch import nn
 
 import adapterkit as ak
 from adapterkit.core.state import get_state
+from conftest import randomise
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -18,13 +19,6 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 def base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every non-adapter tensor under its original name."""
     return {n.replace(".base_layer", ""): p.detach().clone() for n, p in model.named_parameters() if ".adapters." not in n}
-
-
-def randomise(model: nn.Module, name: str, scale: float = 0.1, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in ak.adapter_parameters(model, name):
-            param.copy_(torch.randn(param.shape, generator=g) * scale)
 
 
 def layers(model: nn.Module, name: str) -> dict:
