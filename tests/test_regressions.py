@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from conftest import lora_of_ones
 
 import adapterkit as ak
 
 
-@pytest.mark.xfail(strict=True, reason="io/artefact.py load(): fuse=True fuses with get_state(model).fused_exact, "
-                   "the flag of an earlier fuse(exact=False) even after it was undone; ak.switch fuses exactly "
-                   "when nothing is fused")
 def test_loading_fused_after_an_undone_inexact_fuse_still_fuses_exactly(tmp_path):
+    """load(fuse=True) fused with the exact= flag of an earlier fuse(exact=False) even after it was
+    undone; ak.switch fuses exactly when nothing is fused, and so does load now."""
     model = lora_of_ones(torch.tensor([[0.2, 1 / 3]]), "a")
     ak.fuse(model, ["a"], [0.5], exact=False)  # w + 0.5, then - 0.5: w on multiples of 2⁻²⁴, odd ones here
     ak.unfuse(model)  # nothing is fused any more

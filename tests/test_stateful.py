@@ -282,9 +282,7 @@ class AdapterMachine(RuleBasedStateMachine):
             return
         spec = self.specs[source]
         name = self.pick(data, free=True)
-        # known bug (tests/test_regressions.py, xfail): with nothing fused, load(fuse=True) still
-        # fuses with the exact= of an earlier, undone fuse; the machine does not go there
-        fuse = fuse and (bool(self.fused) or self.fused_exact)
+        fuse_exact = self.fused_exact if self.fused else True  # as ak.switch: exact unless an inexact fuse is in place
         errors = [DuplicateAdapterError] if name in self.specs else []
         if fuse and spec.kind == "bottleneck":
             errors.append(NotFusableError)
@@ -302,7 +300,7 @@ class AdapterMachine(RuleBasedStateMachine):
         self.active = self.active or ((name, 1.0),)
         if fuse:
             self.active = ((name, 1.0),) + self.inserted_of(self.active)
-            self.fused_into(((name, 1.0),), self.fused_exact)
+            self.fused_into(((name, 1.0),), fuse_exact)
 
     # -- invariants ----------------------------------------------------------------------------
     @invariant()

@@ -175,9 +175,8 @@ class WeightFusion:
     def host_bytes(self) -> int:
         """Host memory held for exact restoring."""
         buffer = 0 if self._host_copy is None else self._host_copy.numel() * self._host_copy.element_size()
-        saved = sum(s.indices.numel() * s.indices.element_size() + s.values.numel() * s.values.element_size()
-                    for s in self._saved_entries)
-        # cached originals share their index tensors with the adapters (and with _saved_entries)
+        # the saved entries' index tensors are the adapters' own supports: only the values are extra
+        saved = sum(s.values.numel() * s.values.element_size() for s in self._saved_entries)
         cached = sum(s.values.numel() * s.values.element_size() for s in self._originals.values()
                      if not any(s.values is e.values for e in self._saved_entries))
         return buffer + saved + cached

@@ -202,7 +202,8 @@ def load(model: nn.Module, directory: str | Path, name: str | None = None, *,
     with rollback_on_error(model, values=False):  # a fuse refused after the commit undoes the commit
         commit(model, prepared)
         if fuse:
-            fuse_adapters(model, [prepared.record.name], exact=get_state(model).fused_exact)
+            state = get_state(model)  # replaces what is fused, like ak.switch: exact unless an inexact fuse is in place
+            fuse_adapters(model, [prepared.record.name], exact=state.fused_exact if state.fused else True)
     return prepared.record.name
 
 
