@@ -1,0 +1,1 @@
+"""Applications built on the adapter methods (cross-lingual reranking, ...); never imported by the core."""
