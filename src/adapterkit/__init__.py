@@ -30,7 +30,8 @@ from .core.api import (
     unfuse,
 )
 from .io.artefact import export, load, save
-from .core.composition import Stack
+from .core.activation import routing
+from .core.composition import Add, Split, Stack
 from .core.config import AdapterConfig
 from .errors import (
     AdapterError,
@@ -48,6 +49,7 @@ from .errors import (
     NonFiniteWeightsError,
     NotFusableError,
     TargetError,
+    UnknownMemberError,
     UnknownMethodError,
     UnsafeFileError,
     UnsupportedError,
@@ -104,6 +106,9 @@ __all__ = [
     "MoSAConfig",
     "mosa",
     "Stack",
+    "Add",
+    "Split",
+    "routing",
     "StepCallback",
     "step",
     "FrozenNormStatistics",
@@ -141,6 +146,7 @@ __all__ = [
     "NonFiniteWeightsError",
     "NotFusableError",
     "TargetError",
+    "UnknownMemberError",
     "UnknownMethodError",
     "UnsafeFileError",
     "UnsupportedError",

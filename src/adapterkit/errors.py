@@ -27,6 +27,10 @@ class AdapterNotFoundError(AdapterError, LookupError):
     """No adapter with this name is attached to the model."""
 
 
+class UnknownMemberError(ConfigError, AdapterNotFoundError):
+    """A composition block (``ak.Add``/``ak.Stack``/``ak.Split``) names an adapter that is not attached."""
+
+
 class DuplicateAdapterError(AdapterError):
     """An adapter with this name is already attached to the model."""
 

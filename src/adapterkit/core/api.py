@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .composition import Stack
+from .activation import BLOCK_TYPES, check_block, fusable_part, routed_names, sync_hooks
+from .composition import Block, flatten
 from .config import AdapterConfig
 from ..errors import (
     AdapterError,
@@ -93,28 +94,35 @@ def _check_replacements(state: ModelState, active: Weighted) -> None:
             raise AdapterError(f"adapters {copies} each replace module {path!r}; activate only one of them")
 
 
-def _delta_part(state: ModelState, active: Weighted) -> Weighted:
-    return tuple((n, w) for n, w in active if state.adapters[n].fusable)
+def activate(model: nn.Module, names: Names | Block, weights: Sequence[float] | None = None) -> None:
+    """Choose the adapters that run: one name, a list, a composition block, or None.
 
+    * A list: the weight deltas of its names add (scaled by ``weights``) and their inserted
+      modules run in list order, each reading the previous one's output; i.e. a
+      :class:`~adapterkit.Stack` for the modules and an :class:`~adapterkit.Add` for the deltas.
+    * A block (:class:`~adapterkit.Add`, :class:`~adapterkit.Stack`, :class:`~adapterkit.Split`,
+      nested): its own meaning; weights go inside it (``ak.Add(..., weights=[...])``). A Split
+      routes tokens by a mask (``ak.routing`` or ``token_type_ids``).
 
-def activate(model: nn.Module, names: Names | Stack, weights: Sequence[float] | None = None) -> None:
-    """Choose the adapters that run: one name, several (outputs add, scaled by ``weights``), or None.
-
-    Inserted modules of several adapters at one module run in the given order (each reads the
-    previous one's output); :class:`~adapterkit.Stack` says so explicitly.
-
-    While adapters are fused, the weight-delta part of the new set must equal the fused set
-    (use :func:`switch` or :func:`unfuse` to change it).
+    While adapters are fused, the weight deltas of the new set that can be fused (all but those
+    inside a Split) must equal the fused set (use :func:`switch` or :func:`unfuse` to change it).
     """
     state = get_state(model)
-    active = _weighted(state, names.names if isinstance(names, Stack) else names, weights)
+    if isinstance(names, BLOCK_TYPES):
+        if weights is not None:
+            raise ConfigError("weights go inside the block: ak.Add(..., weights=[...])")
+        check_block(state, names)
+        active, block = flatten(names), names
+    else:
+        active, block = _weighted(state, names, weights), None
     _check_replacements(state, active)
-    if state.fused and _delta_part(state, active) != state.fused:
+    if state.fused and fusable_part(state, active, block) != state.fused:
         raise FusedStateError(
             f"adapters {[n for n, _ in state.fused]} are fused; call ak.switch(...) or ak.unfuse(...) before activating others"
         )
-    state.active = active
+    state.active, state.composition = active, block
     state.refresh_plans()
+    sync_hooks(model, state)
 
 
 PROGRESS_BYTES = 2**30  # show a progress bar when fusing touches more than 1 GiB of weights
@@ -134,8 +142,12 @@ def _fuse_into_weights(state: ModelState, target: Weighted, exact: bool) -> None
             wrapper.fuse(deltas, exact)
 
 
-def fuse(model: nn.Module, names: Names = None, weights: Sequence[float] | None = None, exact: bool = True) -> None:
+def fuse(model: nn.Module, names: Names | Block = None, weights: Sequence[float] | None = None, exact: bool = True) -> None:
     """Fold weight-delta adapters into the base weights (the active ones, or ``names``).
+
+    ``names`` may be an :class:`~adapterkit.Add` block (its weighted sum is fused; a block with a
+    Split or inserted modules raises ConfigError). With ``names=None`` and a Split active, the
+    deltas outside the Split are fused and those inside keep running unfused (they differ per token).
 
     Whatever was fused before is replaced. With ``exact=True`` (default) the original weights
     are kept (dense deltas: one host copy of each fused weight; sparse deltas: only the touched
@@ -143,12 +155,20 @@ def fuse(model: nn.Module, names: Names = None, weights: Sequence[float] | None 
     subtracts on unfuse, which drifts by rounding error.
     """
     state = get_state(model)
+    block = state.block()
     if names is None:
-        target = _delta_part(state, state.active)
+        target = fusable_part(state, state.active, block)
         if not target:
-            raise FusionError("no active weight-delta adapter to fuse; name the adapters to fuse")
-        unfusable = [n for n, _ in state.active if not state.adapters[n].fusable]
+            raise FusionError("no active weight-delta adapter to fuse (deltas inside a Split stay unfused); "
+                              "name the adapters to fuse")
         active = state.active
+    elif isinstance(names, BLOCK_TYPES):
+        if weights is not None:
+            raise ConfigError("weights go inside the block: ak.Add(..., weights=[...])")
+        check_block(state, names, fusing=True)
+        target = flatten(names)
+        active = target + tuple((n, w) for n, w in state.active if not state.adapters[n].fusable)
+        block = names if active == target else None
     else:
         target = _weighted(state, names, weights)
         unfusable = [n for n, _ in target if not state.adapters[n].fusable]
@@ -157,10 +177,12 @@ def fuse(model: nn.Module, names: Names = None, weights: Sequence[float] | None 
                 f"adapter(s) {unfusable} insert modules and cannot be folded into base weights; keep them active unfused"
             )
         active = target + tuple((n, w) for n, w in state.active if not state.adapters[n].fusable)
+        block = None
     _check_replacements(state, active)
     _fuse_into_weights(state, target, exact)
-    state.fused, state.fused_exact, state.active = target, exact, active
+    state.fused, state.fused_exact, state.active, state.composition = target, exact, active, block
     state.refresh_plans()
+    sync_hooks(model, state)
 
 
 def unfuse(model: nn.Module, free_memory: bool = False) -> None:
@@ -214,7 +236,10 @@ def detach(model: nn.Module, name: str) -> None:
                 del state.wrappers[path]
     del state.adapters[name]
     state.active = tuple((n, w) for n, w in state.active if n != name)
+    if state.composition is not None and name in state.composition.names:
+        state.composition = None  # the rest stays active as a plain list
     state.refresh_plans()
+    sync_hooks(model, state)
     if not state.adapters:
         drop_state(model)
 
@@ -296,8 +321,12 @@ def merge_and_unload(model: nn.Module, names: Names = None, weights: Sequence[fl
         blocking = [n for n, _ in state.active if not state.adapters[n].fusable]
         if blocking:
             raise NotFusableError(f"active adapter(s) {blocking} insert modules and cannot be merged into base weights")
-    if names is not None or _delta_part(state, state.active):
+        if routed_names(state.block()):
+            raise ConfigError("a Split is active: its deltas differ per token and cannot be merged; name the adapters to merge")
+    if names is not None or fusable_part(state, state.active, None):
         fuse(model, names, weights, exact=False)
+    state.composition = None
+    sync_hooks(model, state)
     for path, wrapper in list(state.wrappers.items()):
         replacement = wrapper.plan.replacement
         replace_module(model, path, replacement.module if replacement is not None else wrapper.base_layer)

@@ -18,9 +18,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .composition import Branch, RoutedSpec
 from .functional import call_with
 from .fusion import WeightFusion
 from .layers import AdapterLayer, DeltaLayer, ModelLayer, ModuleCopy, ModuleLayer
+from .routing import Routing, select
 from .workspace import Workspace
 
 Active = tuple[tuple[str, float], ...]
@@ -50,6 +52,9 @@ class _Host(nn.Module):
         return f"adapters={list(self.adapters)}"
 
 
+ModuleSteps = tuple[tuple[ModuleLayer, float], ...]
+
+
 @dataclasses.dataclass(frozen=True)
 class ForwardPlan:
     """What an :class:`AdaptedModule` runs on each forward, precomputed whenever activation changes."""
@@ -57,8 +62,36 @@ class ForwardPlan:
     replacement: ModuleCopy | None = None
     deltas: tuple[tuple[DeltaLayer, float], ...] = ()  # add delta_output to the module's output
     tensor_deltas: tuple[tuple[DeltaLayer, float], ...] = ()  # run the module on base + Δ tensors
-    modules: tuple[tuple[ModuleLayer, float], ...] = ()
+    modules: ModuleSteps = ()
     solo: tuple[DeltaLayer, float] | None = None  # the only delta, with its own combined forward
+    routed: RoutedPlan | None = None  # a Split routes tokens through this module: run that instead
+
+
+@dataclasses.dataclass(frozen=True)
+class BranchStep:
+    """Inserted modules that differ per token: ``a`` for the unmasked tokens, ``b`` for the masked."""
+
+    a: ModuleSteps
+    b: ModuleSteps
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutedPlan:
+    """The forward of a module while a Split routes tokens through it.
+
+    The module with its deltas runs per token path (``a``: unmasked, ``b``: masked; no inserted
+    modules in these plans) and the rows are chosen by the mask. When both paths differ only in
+    deltas that add an output (LoRA-like), ``shared`` is the one module run both build on, so the
+    module runs once and each delta once; otherwise (sparse/tensor deltas with their own forward,
+    replacing copies) the module runs once per path. ``steps`` are the inserted modules in order.
+    """
+
+    routing: Routing
+    by: str
+    a: ForwardPlan
+    b: ForwardPlan
+    shared: ForwardPlan | None
+    steps: tuple[tuple[ModuleLayer, float] | BranchStep, ...]
 
 
 class AdaptedModule(_Host):
@@ -109,8 +142,16 @@ class AdaptedModule(_Host):
         return sum(f.host_bytes for f in self.fusions.values())
 
     # -- activation --------------------------------------------------------------------------
-    def set_plan(self, active: Active, fused: frozenset[str]) -> None:
-        """Rebuild the forward plan for the active adapters; fused deltas are skipped."""
+    def set_plan(self, active: Active, fused: frozenset[str], routed: RoutedSpec | None = None,
+                 routing: Routing | None = None) -> None:
+        """Rebuild the forward plan for the active adapters; fused deltas are skipped. ``routed``:
+        an active composition with a Split (used only where a routed adapter has a layer here)."""
+        if routed is not None and routing is not None and any(name in self.adapters for name in routed.routed):
+            self.plan = ForwardPlan(routed=self._routed_plan(routed, fused, routing))
+        else:
+            self.plan = self._plan(active, fused)
+
+    def _plan(self, active: Active, fused: frozenset[str]) -> ForwardPlan:
         replacement, deltas, tensor_deltas, modules = None, [], [], []
         for name, weight in active:
             layer = self.layer(name)
@@ -125,7 +166,26 @@ class AdaptedModule(_Host):
         if replacement is None and len(deltas) == 1 and not tensor_deltas:
             overridden = type(deltas[0][0]).forward_with_base is not DeltaLayer.forward_with_base
             solo = deltas[0] if overridden else None
-        self.plan = ForwardPlan(replacement, tuple(deltas), tuple(tensor_deltas), tuple(modules), solo)
+        return ForwardPlan(replacement, tuple(deltas), tuple(tensor_deltas), tuple(modules), solo)
+
+    def _module_steps(self, active: Active) -> ModuleSteps:
+        return tuple((layer, w) for name, w in active if isinstance(layer := self.layer(name), ModuleLayer))
+
+    def _routed_plan(self, spec: RoutedSpec, fused: frozenset[str], routing: Routing) -> RoutedPlan:
+        a, b = (dataclasses.replace(self._plan(path, fused), modules=()) for path in spec.paths)
+        shared = None
+        if a == b:
+            b = a  # the routed adapters only insert modules here: one module run
+        elif a.solo is None and b.solo is None and a.replacement is b.replacement and a.tensor_deltas == b.tensor_deltas:
+            shared = ForwardPlan(a.replacement, (), a.tensor_deltas)
+        steps: list[tuple[ModuleLayer, float] | BranchStep] = []
+        for step in spec.steps:
+            if isinstance(step, Branch):
+                if (branch := BranchStep(self._module_steps(step.a), self._module_steps(step.b))).a or branch.b:
+                    steps.append(branch)
+            elif isinstance(layer := self.layer(step[0]), ModuleLayer):
+                steps.append((layer, step[1]))
+        return RoutedPlan(routing, spec.by, a, b, shared, tuple(steps))
 
     @property
     def weight(self) -> Tensor:
@@ -134,9 +194,18 @@ class AdaptedModule(_Host):
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         plan = self.plan
+        if plan.routed is not None:
+            return self._routed_forward(plan.routed, x, args, kwargs)
+        out = self._run(plan, x, args, kwargs)
+        for layer, scale in plan.modules:
+            out = layer.adapt(x, out, scale)
+        return out
+
+    def _run(self, plan: ForwardPlan, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The module with the plan's unfused deltas (no inserted modules)."""
         if plan.solo is not None:
-            out = plan.solo[0].forward_with_base(self.base_layer, x, plan.solo[1])
-        elif plan.tensor_deltas:
+            return plan.solo[0].forward_with_base(self.base_layer, x, plan.solo[1])
+        if plan.tensor_deltas:
             replaced: dict[str, Tensor] = {}
             for layer, scale in plan.tensor_deltas:
                 for tensor in layer.delta_tensors():
@@ -146,12 +215,42 @@ class AdaptedModule(_Host):
         else:
             module = plan.replacement if plan.replacement is not None else self.base_layer
             out = module(x, *args, **kwargs)
-        if plan.solo is None:
-            for layer, scale in plan.deltas:
-                out = out + layer.delta_output(x, scale)
-        for layer, scale in plan.modules:
-            out = layer.adapt(x, out, scale)
+        for layer, scale in plan.deltas:
+            out = out + layer.delta_output(x, scale)
         return out
+
+    def _routed_forward(self, r: RoutedPlan, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        mask = r.routing.mask(r.by)
+        where = type(self.base_layer).__name__
+        if r.a is r.b:
+            out = self._run(r.a, x, args, kwargs)
+        elif r.shared is not None:
+            base = self._run(r.shared, x, args, kwargs)
+            done: dict[int, Tensor] = {}  # a delta on both paths is computed once
+            paths = []
+            for plan in (r.a, r.b):
+                out = base
+                for layer, scale in plan.deltas:
+                    delta = done.get(id(layer))
+                    if delta is None:
+                        delta = done[id(layer)] = layer.delta_output(x, scale)
+                    out = out + delta
+                paths.append(out)
+            out = select(mask, paths[0], paths[1], where)
+        else:
+            out = select(mask, self._run(r.a, x, args, kwargs), self._run(r.b, x, args, kwargs), where)
+        for step in r.steps:
+            if isinstance(step, BranchStep):
+                out = select(mask, _adapt(step.a, x, out), _adapt(step.b, x, out), where)
+            else:
+                out = step[0].adapt(x, out, step[1])
+        return out
+
+
+def _adapt(steps: ModuleSteps, x: Tensor, out: Any) -> Any:
+    for layer, scale in steps:
+        out = layer.adapt(x, out, scale)
+    return out
 
 
 class ModelHost(_Host):
@@ -169,7 +268,9 @@ class ModelHost(_Host):
         self._handles = (model.register_forward_pre_hook(self._before, with_kwargs=True),
                          model.register_forward_hook(self._after, with_kwargs=True))
 
-    def set_plan(self, active: Active, fused: frozenset[str]) -> None:
+    def set_plan(self, active: Active, fused: frozenset[str], routed: RoutedSpec | None = None,
+                 routing: Routing | None = None) -> None:
+        # model-level adapters are never routed (refused inside a Split); they run as listed
         self.plan = tuple((layer, w) for name, w in active if isinstance(layer := self.layer(name), ModelLayer))
 
     def close(self) -> None:

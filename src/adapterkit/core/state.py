@@ -6,7 +6,10 @@ import dataclasses
 from typing import Iterator
 
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
+from .composition import Block, RoutedSpec, flatten, routed_spec
+from .routing import Routing
 from .workspace import Workspace
 
 from .config import AdapterConfig
@@ -41,6 +44,9 @@ class ModelState:
     """Everything adapterkit knows about one model.
 
     ``active`` and ``fused`` are ``(name, weight)`` pairs; fused adapters are always active.
+    ``composition`` is the block given to ``ak.activate`` (None for a name or a list); it is in
+    effect while its flattened adapters equal ``active`` (code that sets ``active`` directly gets
+    plain-list behaviour until it puts the same adapters back).
     """
 
     adapters: dict[str, AdapterRecord] = dataclasses.field(default_factory=dict)
@@ -50,6 +56,9 @@ class ModelState:
     fused_exact: bool = True
     model_host: ModelHost | None = None  # model-level adapters (module path "")
     workspace: Workspace = dataclasses.field(default_factory=Workspace)  # scratch shared by every layer
+    composition: Block | None = None
+    routing: Routing = dataclasses.field(default_factory=Routing)  # per-thread masks of an active Split
+    routing_hooks: tuple[RemovableHandle, ...] = ()  # model hooks deriving masks from token_type_ids
 
     def fields(self) -> dict[str, object]:
         """A shallow copy of every field (containers copied), for :meth:`set_fields`."""
@@ -83,10 +92,20 @@ class ModelState:
             assert layer is not None
             yield path, layer
 
+    def block(self) -> Block | None:
+        """The composition in effect (its adapters are the active ones), if any."""
+        block = self.composition
+        return block if block is not None and flatten(block) == self.active else None
+
+    def routed(self) -> RoutedSpec | None:
+        """The composition in effect compiled for the hosts, when it holds a Split."""
+        return routed_spec(self.block())
+
     def refresh_plans(self) -> None:
         fused = frozenset(name for name, _ in self.fused)
+        routed = self.routed()
         for host in self.hosts():
-            host.set_plan(self.active, fused)
+            host.set_plan(self.active, fused, routed, self.routing)
 
 
 def peek_state(model: nn.Module) -> ModelState | None:

@@ -21,10 +21,11 @@ from torch import Tensor, nn
 
 from ..core import quantization
 from .._version import __version__
+from ..core.activation import BLOCK_TYPES, check_block
 from ..core.api import activate, adapters
 from ..core.build import PreparedAdapter, check_adapter_name, commit, prepare
 from ..core.api import fuse as fuse_adapters
-from ..core.composition import COMPOSITION_FILE, Stack
+from ..core.composition import COMPOSITION_FILE, Add, Block, block_from_dict
 from ..errors import (
     AdapterError,
     DuplicateAdapterError,
@@ -55,13 +56,14 @@ FORMATS = ("adapterkit", "peft")
 VERIFY_MODES = ("sampled", "full", "none")
 
 
-def save(model: nn.Module, directory: str | Path, name: str | Stack = "default", format: str = "adapterkit") -> Path:
+def save(model: nn.Module, directory: str | Path, name: str | Block = "default", format: str = "adapterkit") -> Path:
     """Write adapter ``name`` to ``directory`` (created if needed) and return the directory.
 
     ``format="peft"`` writes ``adapter_model.safetensors`` + a standard PEFT
-    ``adapter_config.json`` that ``peft.PeftModel.from_pretrained`` loads. A :class:`Stack`
-    writes each of its adapters to a sub-directory named after it, plus ``composition.json``;
-    :func:`load` then restores and activates the stack.
+    ``adapter_config.json`` that ``peft.PeftModel.from_pretrained`` loads. A composition block
+    (:class:`Stack`, :class:`Add`, :class:`Split`, nested) writes each of its adapters to a
+    sub-directory named after it, plus ``composition.json``; :func:`load` then restores and
+    activates the whole block.
 
     Files an earlier save left in ``directory`` that would change what :func:`load` reads (a
     Stack's ``composition.json`` and member directories, the other format's weights file) are
@@ -69,12 +71,12 @@ def save(model: nn.Module, directory: str | Path, name: str | Stack = "default",
     """
     state = get_state(model)
     directory = Path(directory)
-    if isinstance(name, Stack):
+    if isinstance(name, BLOCK_TYPES):
         if format not in FORMATS:
             raise ConfigError(f"format must be one of {FORMATS}, got {format!r}")
         for member in name.names:
             check_adapter_name(member)
-            state.record(member)  # all must exist before anything is written
+        check_block(state, name)  # all must exist and form the block before anything is written
         old = stack_members(directory)
         for member in name.names:
             save(model, directory / member, member, format)
@@ -180,9 +182,9 @@ def load(model: nn.Module, directory: str | Path, name: str | None = None, *,
         raise ConfigError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
     if name is not None:
         check_adapter_name(name)
-    if Path(directory, COMPOSITION_FILE).is_file():  # written by save(model, directory, Stack(...))
+    if Path(directory, COMPOSITION_FILE).is_file():  # written by save(model, directory, Stack/Add/Split(...))
         if name is not None:
-            raise ConfigError(f"{directory} holds a Stack of adapters under their own names; load it without a name")
+            raise ConfigError(f"{directory} holds a composition of adapters under their own names; load it without a name")
         return _load_stack(model, Path(directory), ignore_fingerprint=ignore_fingerprint, verify=verify, fuse=fuse)
     # full=True: hash every value; False: the fixed sample; None: no hash check (shapes still checked)
     full = None if ignore_fingerprint or verify == "none" else verify == "full"
@@ -208,22 +210,36 @@ def load(model: nn.Module, directory: str | Path, name: str | None = None, *,
 
 
 def _load_stack(model: nn.Module, directory: Path, **options: Any) -> str:
-    """Load every adapter of a saved :class:`Stack`, activate it and return its first name; on any
-    failure the adapters loaded so far are detached again."""
+    """Load every adapter of a saved composition block, activate the block (``fuse=True``: fuse
+    it, for a block of weight deltas) and return its first name; on any failure the adapters
+    loaded so far are detached again."""
     where = directory / COMPOSITION_FILE
-    stack = _config_from(where, Stack.from_dict, read_json(where))
-    for member in stack.names:  # members become directory names: never "..", "a/b"
+    block = _block_from(where, read_json(where))
+    for member in block.names:  # members become directory names: never "..", "a/b"
         _config_from(where, check_adapter_name, member)
-    if options.pop("fuse"):
-        raise ConfigError("a Stack of inserted modules cannot be loaded fused; load it, then fuse the weight deltas")
-    taken = set(adapters(model)) & set(stack.names)
+    fuse = options.pop("fuse")
+    if fuse and not isinstance(block, Add):
+        raise ConfigError(f"{where}: only an Add of weight deltas can be loaded fused; load it, then fuse the weight deltas")
+    taken = set(adapters(model)) & set(block.names)
     if taken:
         raise DuplicateAdapterError(f"adapters {sorted(taken)} are already attached; detach them first")
     with rollback_on_error(model, values=False):  # loads write no existing tensor: structure suffices
-        for member in stack.names:
+        for member in block.names:
             load(model, directory / member, member, **options)
-        activate(model, stack)
-    return stack.names[0]
+        if fuse:  # refused before it writes (inserted modules inside): the rollback detaches
+            state = get_state(model)
+            fuse_adapters(model, block, exact=state.fused_exact if state.fused else True)
+        else:
+            activate(model, block)
+    return block.names[0]
+
+
+def _block_from(where: Path, data: Any) -> Block:
+    """A composition block from ``composition.json``; anything else is a CorruptFileError."""
+    try:
+        return block_from_dict(data)
+    except (AdapterError, TypeError, ValueError, KeyError, AttributeError, RecursionError) as exc:
+        raise CorruptFileError(f"{where}: not a valid composition ({type(exc).__name__}: {exc})") from None
 
 
 def _config_from(where: Path, build: Any, *args: Any) -> Any:

@@ -12,7 +12,7 @@ import contextlib
 from pathlib import Path
 
 from ..core.build import check_adapter_name
-from ..core.composition import COMPOSITION_FILE, Stack
+from ..core.composition import COMPOSITION_FILE, block_from_dict
 from ..errors import AdapterError
 from .peft_format import CONFIG_FILE, WEIGHTS_FILE as PEFT_WEIGHTS_FILE
 from .safefiles import read_json
@@ -22,13 +22,14 @@ ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE, PEFT_WEIGHTS_FILE)
 
 
 def stack_members(directory: Path) -> list[str]:
-    """The member names of the Stack saved in ``directory`` (none if there is no readable one);
-    only valid adapter names, so a hand-edited file can never point outside ``directory``."""
+    """The member names of the composition (Stack, Add, Split) saved in ``directory`` (none if
+    there is no readable one); only valid adapter names, so a hand-edited file can never point
+    outside ``directory``."""
     if not (directory / COMPOSITION_FILE).is_file():
         return []
     try:
-        names = Stack.from_dict(read_json(directory / COMPOSITION_FILE)).names
-    except AdapterError:
+        names = block_from_dict(read_json(directory / COMPOSITION_FILE)).names
+    except (AdapterError, RecursionError):
         return []
     valid = []
     for name in names:
