@@ -1,0 +1,189 @@
+"""The cross-lingual reranking application (apps/clir) on tiny random decoders and a word tokenizer."""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import adapterkit as ak
+from adapterkit.apps.clir import language, pipeline, ranking, reranker, systems
+from adapterkit.apps.clir.modules import ADAPTER_TARGETS, Backbone, ModuleRecord, adapter_size
+from adapterkit.errors import ConfigError
+
+VOCAB = 120
+
+
+class WordTokenizer:
+    """Whitespace words → stable ids in [4, VOCAB); 0 pad, 1 eos, 2 bos (Gemma's ids)."""
+
+    pad_token_id, eos_token_id, bos_token_id = 0, 1, 2
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [[4 + zlib.crc32(w.encode()) % (VOCAB - 4) for w in t.split()] for t in texts]}
+
+
+def tiny_gemma():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=128,
+                              sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+    return Gemma3ForCausalLM(config).eval()
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(params=["gemma", "llama"])
+def backbone(request):
+    lm = tiny_gemma() if request.param == "gemma" else tiny_llama()
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    return Backbone(request.param, lm, WordTokenizer())
+
+
+@pytest.fixture
+def gemma():
+    return Backbone("gemma", tiny_gemma(), WordTokenizer())
+
+
+def words(seed, n):
+    g = torch.Generator().manual_seed(seed)
+    vocab = [f"w{i}" for i in range(60)]
+    return " ".join(vocab[int(i)] for i in torch.randint(0, 60, (n,), generator=g))
+
+
+# -- cross-encoder ---------------------------------------------------------------------------------
+
+def test_last_token_pooling_with_padding_equals_unpadded_single_calls(backbone):
+    model = reranker.cross_encoder(backbone.fresh())
+    with torch.no_grad():  # a random head would score near zero: make the comparison sensitive
+        model.head.weight.normal_()
+    encoder = reranker.PairEncoder(backbone.tokenizer)
+    queries, docs = [words(1, 3), words(2, 6), words(3, 2)], [words(4, 20), words(5, 4), words(6, 11)]
+    batch = encoder.encode(queries, docs)
+    assert (batch.attention_mask == 0).any()  # the rows really are padded
+    with torch.no_grad():
+        together = model(**batch.inputs())["logits"]
+        alone = torch.stack([model(**encoder.encode([q], [d]).inputs())["logits"][0] for q, d in zip(queries, docs)])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+    assert together.std() > 1e-3  # the three pairs score differently
+
+
+def test_document_mask_marks_exactly_the_document_tokens():
+    tok = WordTokenizer()
+    encoder = reranker.PairEncoder(tok, reranker.PairFormat(separator="SEP here", max_query_tokens=3, max_doc_tokens=4))
+    batch = encoder.encode(["a b c d e", "x"], ["d1 d2", "e1 e2 e3 e4 e5 e6"])
+    ids = lambda text: tok([text])["input_ids"][0]  # noqa: E731
+    sep = ids("SEP here")
+    expected_rows = [[2, *ids("a b c"), *sep, *ids("d1 d2"), 1], [2, *ids("x"), *sep, *ids("e1 e2 e3 e4"), 1]]
+    expected_docs = [ids("d1 d2"), ids("e1 e2 e3 e4")]
+    for row, want, doc, mask, marks in zip(batch.input_ids, expected_rows, expected_docs, batch.attention_mask,
+                                           batch.doc_mask):
+        n = len(want)
+        assert row[:n].tolist() == want and row[n:].eq(0).all()
+        assert mask.tolist() == [1] * n + [0] * (len(row) - n)
+        assert row[marks].tolist() == doc  # the document's tokens, nothing else
+        start = n - 1 - len(doc)
+        assert marks.nonzero().flatten().tolist() == list(range(start, start + len(doc)))
+
+
+def test_pair_encoder_refuses_mismatched_lists():
+    with pytest.raises(ConfigError):
+        reranker.PairEncoder(WordTokenizer()).encode(["q"], [])
+
+
+# -- shortlist LM -----------------------------------------------------------------------------------
+
+def test_shortlist_loss_equals_full_softmax_ce_restricted_to_the_shortlist(backbone):
+    lm = backbone.fresh()
+    shortlist = reranker.Shortlist((1, 5, 9, 17, 33, 40, 77, 101))
+    model = reranker.language_model(lm, shortlist)
+    ids = torch.tensor([[2, 5, 9, 18, 33, 40, 1], [2, 77, 101, 5, 5, 0, 0]])
+    mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
+    loss = model(input_ids=ids, attention_mask=mask, labels=ids)["loss"]
+    # by hand: the LM's own full logits, columns of the shortlist, targets = next tokens in the shortlist
+    with torch.no_grad():
+        full = lm(input_ids=ids, attention_mask=mask).logits
+    cols = torch.tensor(shortlist.ids)
+    terms = []
+    for b in range(2):
+        for t in range(6):
+            target = int(ids[b, t + 1])
+            if mask[b, t + 1] and target in shortlist.ids:
+                restricted = full[b, t, cols]
+                terms.append(-F.log_softmax(restricted, -1)[shortlist.ids.index(target)])
+    assert len(terms) == 9  # 18 (not listed) and the padding are ignored
+    torch.testing.assert_close(loss, torch.stack(terms).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_shortlist_keeps_the_most_frequent_ids_and_eos():
+    tok = WordTokenizer()
+    shortlist = reranker.Shortlist.from_texts(tok, ["a a a b b c", "a b d"], size=3)
+    a, b = tok(["a b"])["input_ids"][0]
+    assert shortlist.ids == tuple(sorted({a, b, 1}))
+
+
+def test_packed_batches_fill_rows_without_padding():
+    batches = language.PackedBatches(WordTokenizer(), [words(i, 9) for i in range(10)], batch_size=3,
+                                     max_tokens=8, steps=4)
+    seen = list(batches)
+    assert len(seen) == 4 and all(b["input_ids"].shape == (3, 8) for b in seen)
+    assert all(bool((b["input_ids"][:, 0] == 2).all()) and bool(b["attention_mask"].all()) for b in seen)
+    assert [b["input_ids"].tolist() for b in batches] == [b["input_ids"].tolist() for b in seen]  # re-iterable
+
+
+# -- module paths ---------------------------------------------------------------------------------
+
+def test_language_adapter_saved_from_the_lm_loads_into_the_cross_encoder(backbone, tmp_path):
+    lm_model = reranker.language_model(backbone.fresh(), reranker.Shortlist((1, 5, 9)))
+    ce_model = reranker.cross_encoder(backbone.fresh())
+    lm_paths = {n for n, _ in lm_model.named_modules() if n.startswith("body.")}
+    assert lm_paths == {n for n, _ in ce_model.named_modules() if n.startswith("body.")}
+    ak.attach(lm_model, ak.BottleneckConfig(target_modules=ADAPTER_TARGETS, reduction_factor=4, init="random"), "lang_de")
+    ak.save(lm_model, tmp_path / "de", "lang_de")
+    ids = torch.tensor([[2, 7, 8, 9, 1]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        plain = ce_model.body(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert ak.load(ce_model, tmp_path / "de") == "lang_de"
+        adapted = ce_model.body(input_ids=ids, attention_mask=mask).last_hidden_state
+        trained = lm_model.body(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(adapted, trained)
+    assert not torch.allclose(adapted, plain)
+
+
+def test_adapter_size_formula_matches_an_attached_adapter(gemma):
+    model = reranker.cross_encoder(gemma.fresh())
+    ak.attach(model, ak.BottleneckConfig(target_modules=ADAPTER_TARGETS, reduction_factor=2), "a")
+    attached = sum(p.numel() for p in ak.adapter_parameters(model, "a"))
+    assert attached == adapter_size(gemma.hidden, gemma.layers, 2) == 2 * (2 * 32 * 16 + 16 + 32)
+
+
+# -- systems ----------------------------------------------------------------------------------------
+
+def test_system_plans_name_the_right_compositions():
+    plan = systems.system("sft+both").plan("en", "de")
+    assert plan.languages == ("en", "de") and plan.block == ak.Add("rank", "lang_en", "lang_de")
+    plan = systems.system("adapter+split").plan("en", "de")
+    assert plan.routed and plan.block == ak.Stack(ak.Split("lang_en", "lang_de", by="mask"), "rank")
+    assert systems.system("adapter+dlang").plan("en", "ru").block == ak.Stack("lang_ru", "rank")
+    assert systems.system("sft+qlang").plan("en", "fr").block == ak.Add("rank", "lang_en")
+    mono = {systems.system(n).plan("de", "de").key for n in ("adapter+dlang", "adapter+qlang", "adapter+split")}
+    assert mono == {"adapter:de"}
+    assert systems.system("sft+both").plan("de", "de").key == systems.system("sft+dlang").plan("de", "de").key
+    with pytest.raises(ConfigError):
+        systems.System("bad", "sft", "split")
+    with pytest.raises(ConfigError):
+        systems.system("nope")
