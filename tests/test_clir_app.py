@@ -187,3 +187,143 @@ def test_system_plans_name_the_right_compositions():
         systems.System("bad", "sft", "split")
     with pytest.raises(ConfigError):
         systems.system("nope")
+
+
+# -- training and scoring end to end ----------------------------------------------------------------
+
+@dataclasses.dataclass
+class FakeCollection:
+    pair: str
+    query_lang: str
+    doc_lang: str
+    queries: dict
+    docs: dict
+    qrels: dict
+
+
+def fake_collection(pair="en-de"):
+    q, d = pair.split("-")
+    docs = {f"d{i}": words(100 + i, 12) for i in range(12)}
+    queries = {f"q{i}": words(200 + i, 4) for i in range(4)}
+    return FakeCollection(pair, q, d, queries, docs, {f"q{i}": {f"d{i}": 1} for i in range(4)})
+
+
+def fake_candidates(coll, depth=6):
+    return {q: {f"d{(i + j) % 12}": float(depth - j) for j in range(depth)} for i, q in enumerate(sorted(coll.queries))}
+
+
+def examples(n=6):
+    return [ranking.RankingExample(words(300 + i, 4), words(400 + i, 10), tuple(words(500 + 7 * i + j, 10)
+                                                                               for j in range(3))) for i in range(n)]
+
+
+TINY_LANG = dict(steps=2, batch_size=2, max_tokens=8, reduction_factor=4, shortlist_size=50)
+TINY_RANK = dict(steps=2, queries_per_batch=2, negatives=2, reduction_factor=4, lora_rank=2, max_doc_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def trained_adapters(tmp_path_factory):
+    gemma = Backbone("gemma", tiny_gemma(), WordTokenizer())
+    tmp_path = tmp_path_factory.mktemp("modules")
+    dirs = pipeline.ModuleDirs()
+    for code in ("en", "de"):
+        texts = [words(600 + i + (50 if code == "de" else 0), 12) for i in range(20)]
+        record = language.train_language_module(gemma, code, texts, language.LanguageOptions(kind="adapter", **TINY_LANG),
+                                                tmp_path / f"lang-{code}")
+        assert record.steps == 4 and record.name == f"lang_{code}"  # adapters: the SFT's two phases together
+        dirs.languages[code] = tmp_path / f"lang-{code}"
+    record = ranking.train_ranking_module(gemma, examples(), ranking.RankingOptions(kind="adapter", **TINY_RANK),
+                                          tmp_path / "rank", lang_module=dirs.languages["en"])
+    assert record.trainable == adapter_size(32, 2, 4) + 33  # the ranking adapter and the head; lang_en frozen
+    dirs.ranking = tmp_path / "rank"
+    return dirs
+
+
+def test_adapter_systems_activate_exactly_their_modules(gemma, trained_adapters):
+    expected = {"adapter": ["rank"], "adapter+dlang": ["lang_de", "rank"], "adapter+qlang": ["lang_en", "rank"],
+                "adapter+split": ["lang_en", "lang_de", "rank"]}
+    for name, active in expected.items():
+        plan = systems.system(name).plan("en", "de")
+        model = pipeline.build_reranker(gemma, plan, trained_adapters)
+        assert sorted(pipeline.active_names(model)) == sorted(active), name
+        assert sorted(ak.adapters(model)) == sorted(["rank", *(systems.lang_name(c) for c in plan.languages)])
+
+
+def test_split_routes_document_tokens_through_the_document_language(gemma, trained_adapters):
+    coll = fake_collection()
+    encoder = reranker.PairEncoder(gemma.tokenizer, reranker.PairFormat(max_doc_tokens=8))
+    pairs = encoder.encode([coll.queries["q0"], coll.queries["q1"]], [coll.docs["d0"], coll.docs["d5"]])
+    plan = systems.system("adapter+split").plan("en", "de")
+    model = pipeline.build_reranker(gemma, plan, trained_adapters)
+    with pytest.raises(ConfigError):  # a Split by "mask" needs the mask
+        model(**pairs.inputs())
+    with torch.no_grad():
+        with ak.routing(model, pairs.doc_mask):
+            routed = model(**pairs.inputs())["logits"]
+        with ak.routing(model, torch.zeros_like(pairs.doc_mask)):
+            all_q = model(**pairs.inputs())["logits"]
+        with ak.routing(model, pairs.attention_mask.bool()):
+            all_d = model(**pairs.inputs())["logits"]
+        ak.activate(model, ak.Stack("lang_en", "rank"))
+        qlang = model(**pairs.inputs())["logits"]
+        ak.activate(model, ak.Stack("lang_de", "rank"))
+        dlang = model(**pairs.inputs())["logits"]
+    torch.testing.assert_close(all_q, qlang)
+    torch.testing.assert_close(all_d, dlang)
+    assert not torch.allclose(routed, qlang) and not torch.allclose(routed, dlang)
+
+
+def test_rerank_scores_the_top_k_and_keeps_the_rest_below(gemma, trained_adapters):
+    coll = fake_collection()
+    candidates = fake_candidates(coll)
+    options = pipeline.EvalOptions(queries=4, top_k=3, depth=6, batch_size=5, max_doc_tokens=8)
+    for name in ("adapter+split", "adapter+dlang"):
+        run = pipeline.score_system(gemma, systems.system(name), coll, candidates, trained_adapters, options,
+                                    progress=False)
+        for q, docs in candidates.items():
+            order = pipeline.ranked(docs)
+            new = pipeline.ranked(run[q])
+            assert set(new[:3]) == set(order[:3]) and new[3:] == order[3:]
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_lora_and_full_ranking_modules_train_save_and_reload(gemma, tmp_path, kind):
+    options = ranking.RankingOptions(kind=kind, **TINY_RANK)
+    record = ranking.train_ranking_module(gemma, examples(), options, tmp_path / kind)
+    assert ModuleRecord.read(tmp_path / kind) == record
+    model = pipeline.build_reranker(gemma, systems.system(kind).plan("en", "de"), pipeline.ModuleDirs(tmp_path / kind))
+    pristine = reranker.cross_encoder(gemma.fresh())
+    pairs = reranker.PairEncoder(gemma.tokenizer).encode([words(1, 3)], [words(2, 5)])
+    with torch.no_grad():
+        assert not torch.allclose(model(**pairs.inputs())["logits"], pristine(**pairs.inputs())["logits"])
+    embeddings = model.body.get_input_embeddings().weight
+    assert torch.equal(embeddings, pristine.body.get_input_embeddings().weight)  # full FT leaves them frozen
+    if kind == "full":
+        assert record.trainable == sum(p.numel() for p in pristine.parameters()) - embeddings.numel()
+
+
+def test_ranking_module_refuses_the_wrong_language_module(gemma, tmp_path, trained_adapters):
+    with pytest.raises(ConfigError):
+        ranking.train_ranking_module(gemma, examples(), ranking.RankingOptions(kind="lora", **TINY_RANK),
+                                     tmp_path / "x", lang_module=trained_adapters.languages["en"])
+    with pytest.raises(ConfigError):
+        ranking.train_ranking_module(gemma, examples(), ranking.RankingOptions(kind="adapter", **TINY_RANK),
+                                     tmp_path / "x")
+    with pytest.raises(ConfigError):
+        pipeline.build_reranker(gemma, systems.system("adapter+dlang").plan("en", "fr"), trained_adapters)
+
+
+def test_listwise_batches_put_the_positive_first():
+    encoder = reranker.PairEncoder(WordTokenizer(), reranker.PairFormat(max_doc_tokens=8))
+    batches = ranking.RankingBatches(encoder, examples(3), queries_per_batch=2, negatives=2, steps=3)
+    batch = next(iter(batches))
+    assert batch["input_ids"].shape[0] == 6 and batch["labels"].tolist() == [1, 0, 0, 1, 0, 0]
+    scores = torch.tensor([5.0, 0.0, 0.0, 0.0, 5.0, 0.0])
+
+    class Fixed(torch.nn.Module):
+        def forward(self, **_):
+            return {"logits": scores}
+
+    loss = ranking.listwise_loss(Fixed(), batch)
+    want = (F.cross_entropy(scores[:3][None], torch.tensor([0])) + F.cross_entropy(scores[3:][None], torch.tensor([0]))) / 2
+    torch.testing.assert_close(loss, want)
