@@ -63,6 +63,7 @@ CONFIGS = {  # a valid config of every registered method for target list `t`
     "shira": lambda t, **kw: ak.ShiraConfig(density=0.1, target_modules=t, **kw),
     "bottleneck": lambda t, **kw: ak.BottleneckConfig(bottleneck=2, target_modules=t, **kw),
     "mosa": lambda t, **kw: ak.MoSAConfig(base=ak.BottleneckConfig(bottleneck=2, target_modules=t), n_modules=2, **kw),
+    "sft": lambda t, **kw: ak.SFTConfig(k=4, selection="random", freeze_norms=True, target_modules=t, **kw),
 }
 
 

@@ -58,6 +58,8 @@ from .core.host import AdaptedModule, ModelHost
 from .core.layers import AdapterLayer, DeltaLayer, ModelLayer, ModuleLayer
 from .methods import BottleneckConfig, DyLoRAConfig, LoRAConfig, MoSAConfig, ShiraConfig
 from .methods import dylora, mosa
+from .methods import sft
+from .methods.sft import SFTConfig
 from .methods.dylora import RankSweep, rank_sweep, set_rank
 
 
@@ -115,6 +117,8 @@ __all__ = [
     "AdapterConfig",
     "LoRAConfig",
     "ShiraConfig",
+    "SFTConfig",
+    "sft",
     "AdapterTrainer",
     "MoSATrainer",
     "AdaptedModule",

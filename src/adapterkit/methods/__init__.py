@@ -5,5 +5,6 @@ from .shira import ShiraConfig, ShiraLayer
 from .dylora import DyLoRAConfig, DyLoRALayer
 from .bottleneck import BottleneckConfig, BottleneckLayer
 from .mosa import MoSAConfig
+from .sft import SFTConfig
 
-__all__ = ["BottleneckConfig", "BottleneckLayer", "MoSAConfig", "DyLoRAConfig", "DyLoRALayer", "LoRAConfig", "LoRALayer", "ShiraConfig", "ShiraLayer"]
+__all__ = ["BottleneckConfig", "BottleneckLayer", "MoSAConfig", "DyLoRAConfig", "DyLoRALayer", "LoRAConfig", "LoRALayer", "SFTConfig", "ShiraConfig", "ShiraLayer"]
