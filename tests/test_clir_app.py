@@ -327,3 +327,54 @@ def test_listwise_batches_put_the_positive_first():
     loss = ranking.listwise_loss(Fixed(), batch)
     want = (F.cross_entropy(scores[:3][None], torch.tensor([0])) + F.cross_entropy(scores[3:][None], torch.tensor([0]))) / 2
     torch.testing.assert_close(loss, want)
+
+
+@pytest.fixture(scope="module")
+def trained_sfts(tmp_path_factory):
+    gemma = Backbone("gemma", tiny_gemma(), WordTokenizer())
+    tmp_path = tmp_path_factory.mktemp("sfts")
+    dirs = pipeline.ModuleDirs()
+    for code in ("en", "de"):
+        texts = [words(700 + i + (50 if code == "de" else 0), 12) for i in range(20)]
+        language.train_language_module(gemma, code, texts, language.LanguageOptions(kind="sft", **TINY_LANG),
+                                       tmp_path / f"lang-{code}")
+        dirs.languages[code] = tmp_path / f"lang-{code}"
+    ranking.train_ranking_module(gemma, examples(), ranking.RankingOptions(kind="sft", **TINY_RANK), tmp_path / "rank",
+                                 lang_module=dirs.languages["en"])
+    dirs.ranking = tmp_path / "rank"
+    return dirs
+
+
+def test_sft_modules_have_the_budget_of_their_adapters_and_compose_by_addition(gemma, trained_sfts):
+    model = pipeline.build_reranker(gemma, systems.system("sft+both").plan("en", "de"), trained_sfts)
+    assert ak.active_adapters(model) and set(pipeline.active_names(model)) == {"rank", "lang_en", "lang_de"}
+    k_lang, k_rank = adapter_size(32, 2, 4), adapter_size(32, 2, 4)
+    assert ak.config_of(model, "lang_de").k == k_lang and ak.config_of(model, "rank").k == k_rank
+    assert ak.config_of(model, "rank").modules_to_save == ("head",)
+    pairs = reranker.PairEncoder(gemma.tokenizer).encode([words(1, 3), words(3, 3)], [words(2, 5), words(4, 9)])
+    with torch.no_grad():
+        both = model(**pairs.inputs())["logits"]
+        expected = {"sft": ["rank"], "sft+dlang": ["rank", "lang_de"], "sft+qlang": ["rank", "lang_en"]}
+        singles = {}
+        for name, active in expected.items():
+            plan = systems.system(name).plan("en", "de")
+            ak.activate(model, plan.block)
+            assert sorted(pipeline.active_names(model)) == sorted(active)
+            singles[name] = model(**pairs.inputs())["logits"]
+        ak.fuse(model, ak.Add("rank", "lang_en", "lang_de"))  # the sum of the three deltas, fused exactly
+        torch.testing.assert_close(model(**pairs.inputs())["logits"], both, rtol=1e-4, atol=1e-5)
+        ak.unfuse(model)
+    assert not torch.allclose(singles["sft+dlang"], singles["sft"])
+    assert not torch.allclose(singles["sft+qlang"], singles["sft+dlang"])
+
+
+def test_the_pool_reuses_one_model_per_ranker_and_matches_fresh_builds(gemma, trained_sfts, trained_adapters):
+    pool = pipeline.RerankerPool(gemma, {"sft": trained_sfts, "adapter": trained_adapters})
+    pairs = reranker.PairEncoder(gemma.tokenizer).encode([words(1, 3)], [words(2, 5)])
+    for name in ("sft+dlang", "sft", "sft+both", "adapter+qlang", "adapter", "adapter+dlang"):
+        plan = systems.system(name).plan("en", "de")
+        pooled = pool.model_for(plan)
+        fresh = pipeline.build_reranker(gemma, plan, trained_sfts if plan.ranker == "sft" else trained_adapters)
+        with torch.no_grad():
+            torch.testing.assert_close(pooled(**pairs.inputs())["logits"], fresh(**pairs.inputs())["logits"])
+    assert set(pool.models) == {"sft", "adapter"}

@@ -1,4 +1,4 @@
-"""``adapterkit`` command line: demo, train, eval, rank-sweep, info, fuse, export, fetch-data.
+"""``adapterkit`` command line: demo, train, eval, rank-sweep, info, fuse, export, fetch-data, clir.
 
 Errors are printed as one line (no traceback) with exit status 2; ``--debug`` re-raises them.
 """
@@ -79,7 +79,7 @@ def _add_train_args(parser: argparse.ArgumentParser, method: str, selected: Mapp
 def build_parser(selected: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The full parser; ``selected`` chooses the method (``{"method": "shira"}``) and nested config
     classes (``{"base": "lora"}``) whose options ``train`` offers."""
-    from . import commands, demo, info, train
+    from . import clir, commands, demo, info, train
 
     selected = dict(selected or {})
     method = selected.get("method", DEFAULT_METHOD)
@@ -137,7 +137,10 @@ def build_parser(selected: Mapping[str, str] | None = None) -> argparse.Argument
     p.add_argument("--out", required=True, help="adapter directory to write")
     p.add_argument("--ignore-fingerprint", action="store_true", help="load even if the base weights differ")
 
-    command("fetch-data", commands.fetch_data, help="download the VADER sentences from PyPI into the local cache (once)")
+    p = command("fetch-data", clir.fetch_data, help="download data into the local cache (once): the VADER sentences "
+                "from PyPI, or (clir) the Debian man pages and fortunes of the CLIR collections")
+    p.add_argument("dataset", nargs="?", choices=("vader", "clir"), default="vader", help="which data")
+    clir.register(sub, command)
     return parser
 
 

@@ -48,7 +48,7 @@ class LanguageOptions:
     steps: int = 30
     batch_size: int = 8
     max_tokens: int = 64
-    reduction_factor: float = 2.0
+    reduction_factor: int = 2
     shortlist_size: int = 16384
     max_texts: int = 20000
     lr: float | None = None
@@ -57,14 +57,12 @@ class LanguageOptions:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"language module kind must be one of {KINDS}, got {self.kind!r}")
-        for name in ("steps", "batch_size", "max_tokens", "shortlist_size", "max_texts"):
+        for name in ("steps", "batch_size", "max_tokens", "shortlist_size", "max_texts", "reduction_factor"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.max_tokens < 2:
             raise ConfigError(f"max_tokens must be >= 2 (a token and its successor), got {self.max_tokens}")
-        if not isinstance(self.reduction_factor, (int, float)) or self.reduction_factor <= 0:
-            raise ConfigError(f"reduction_factor must be > 0, got {self.reduction_factor!r}")
 
     @property
     def learning_rate(self) -> float:
@@ -119,7 +117,7 @@ def sample_texts(texts: Sequence[str], limit: int, seed: int) -> list[str]:
     return texts
 
 
-def language_budget(backbone: Backbone, reduction_factor: float) -> int:
+def language_budget(backbone: Backbone, reduction_factor: int) -> int:
     """K of a language SFT: the size of the language adapter it is compared with."""
     return adapter_size(backbone.hidden, backbone.layers, reduction_factor)
 

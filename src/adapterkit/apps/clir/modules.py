@@ -60,13 +60,12 @@ class Backbone:
         return int(self.lm.config.num_hidden_layers)
 
 
-def adapter_size(hidden: int, layers: int, reduction_factor: float) -> int:
-    """Parameters of a Pfeiffer adapter with biases at every layer: ``L·(2·d·b + b + d)``, ``b = d // rf``
-    (the K an LT-SFT is matched to, as in the paper)."""
-    width = int(hidden // reduction_factor)
-    if width < 1:
-        raise ConfigError(f"reduction factor {reduction_factor:g} leaves no bottleneck for hidden size {hidden}")
-    return layers * (2 * hidden * width + width + hidden)
+def adapter_size(hidden: int, layers: int, reduction_factor: int) -> int:
+    """Parameters of a Pfeiffer adapter with biases at every layer (bottleneck ``hidden // rf``): the K
+    an LT-SFT is matched to, as in the paper (:func:`adapterkit.sft.match_adapter`)."""
+    from ...methods.sft import match_adapter
+
+    return match_adapter(hidden, reduction_factor, layers)
 
 
 @dataclasses.dataclass(frozen=True)

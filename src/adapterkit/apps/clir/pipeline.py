@@ -122,16 +122,42 @@ def build_reranker(backbone: Backbone, plan: Plan, dirs: ModuleDirs) -> CrossEnc
     artefact.load(model, dirs.ranking, RANK)
     for code in plan.languages:
         artefact.load(model, dirs.languages[code], lang_name(code))
-    api.activate(model, plan.block)
+    api.activate(model, plan.block if plan.languages else RANK)
     return model.eval()
 
 
-def load_languages(model: nn.Module, dirs: ModuleDirs, codes: Sequence[str]) -> None:
-    """Load the language modules of ``codes`` not yet in ``model`` (for several plans on one model)."""
-    have = set(api.adapters(model))
-    for code in codes:
-        if lang_name(code) not in have:
-            artefact.load(model, dirs.languages[code], lang_name(code))
+class RerankerPool:
+    """One cross-encoder per ranker kind, reused across systems and pairs: its ranking module is
+    loaded once, language modules as plans first need them, and each plan only re-activates."""
+
+    def __init__(self, backbone: Backbone, dirs: Mapping[str, ModuleDirs]) -> None:
+        self.backbone = backbone
+        self.dirs = dict(dirs)
+        self.models: dict[str, CrossEncoder] = {}
+
+    def model_for(self, plan: Plan) -> CrossEncoder:
+        if plan.ranker not in self.dirs:
+            raise ConfigError(f"no trained {plan.ranker} modules were given")
+        dirs = self.dirs[plan.ranker]
+        model = self.models.get(plan.ranker)
+        if model is None:
+            model = self.models[plan.ranker] = build_reranker(self.backbone, dataclasses.replace(plan, languages=()),
+                                                              dirs)
+        if plan.ranker == "full":
+            return model
+        missing = [c for c in plan.languages if c not in dirs.languages]
+        if missing:
+            raise ConfigError(f"this system needs the language modules of {missing}; give their directories")
+        have = set(api.adapters(model))
+        for code in plan.languages:
+            if lang_name(code) not in have:
+                artefact.load(model, dirs.languages[code], lang_name(code))
+        api.activate(model, plan.block)
+        return model
+
+    def release(self, ranker: str) -> None:
+        """Drop the model of ``ranker`` (its memory) once no plan needs it any more."""
+        self.models.pop(ranker, None)
 
 
 @contextlib.contextmanager
@@ -193,8 +219,3 @@ def score_system(backbone: Backbone, system: System, collection: Collection, can
 def active_names(model: nn.Module) -> list[str]:
     """Names of the adapters that run (for checks and reports)."""
     return [name for name, _ in api.active_adapters(model)]
-
-
-def describe(plan: Plan) -> str:
-    block: Any = plan.block
-    return getattr(block, "to_dict", lambda: block)().__repr__() if block is not None else plan.ranker

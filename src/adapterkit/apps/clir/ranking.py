@@ -70,7 +70,7 @@ class RankingOptions:
     steps: int = 60
     queries_per_batch: int = 2
     negatives: int = 3
-    reduction_factor: float = 8.0
+    reduction_factor: int = 8
     lora_rank: int = 8
     loss: str = "listwise"
     lr: float | None = None
@@ -83,7 +83,7 @@ class RankingOptions:
             raise ConfigError(f"ranking module kind must be one of {KINDS}, got {self.kind!r}")
         if self.loss not in LOSSES:
             raise ConfigError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        for name in ("steps", "queries_per_batch", "lora_rank", "max_query_tokens", "max_doc_tokens"):
+        for name in ("steps", "queries_per_batch", "lora_rank", "max_query_tokens", "max_doc_tokens", "reduction_factor"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -145,7 +145,7 @@ def pointwise_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return F.binary_cross_entropy_with_logits(scores, batch["labels"].to(scores.dtype))
 
 
-def ranking_budget(backbone: Backbone, reduction_factor: float) -> int:
+def ranking_budget(backbone: Backbone, reduction_factor: int) -> int:
     """K of a ranking SFT: the size of the ranking adapter (the head travels separately)."""
     return adapter_size(backbone.hidden, backbone.layers, reduction_factor)
 
