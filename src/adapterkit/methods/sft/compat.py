@@ -58,10 +58,12 @@ class ComposableSFT:
 
 
 def _numpy_globals() -> list[Any]:
-    """NumPy's scalar constructor (under the module names NumPy 1 and 2 pickle it by) and dtype."""
+    """NumPy's scalar constructor (under the module names NumPy 1 and 2 pickle it by) and the
+    integer dtypes: what a NumPy integer inside a torch.save file needs, nothing that runs code."""
     core = getattr(np, "_core", None) or np.core
     scalar = core.multiarray.scalar
-    return [np.dtype, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar")]
+    integer_dtypes = [type(np.dtype(t)) for t in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")]
+    return [np.dtype, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), *integer_dtypes]
 
 
 def _load(path: Path) -> Any:
