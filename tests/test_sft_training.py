@@ -96,6 +96,14 @@ def test_phase_two_moves_only_the_chosen_entries_and_the_head_trains_densely(tin
     assert same_values(base_values(tiny_bert), theta0)
 
 
+def test_ak_train_runs_phase_two_with_the_method_default_rate_and_leaves_the_base_alone(tiny_bert):
+    ak.attach(tiny_bert, config(k=3000), "sft", calibration=batches())
+    theta0 = base_values(tiny_bert)
+    losses = ak.train(tiny_bert, batches(3) * 4, lr=3e-2, progress=False, weight_decay=0.1)
+    assert losses[-1] < losses[0] and same_values(base_values(tiny_bert), theta0)
+    assert ak.get_method("sft").default_learning_rate == 5e-5
+
+
 def test_sparse_phase_two_equals_dense_gradient_masked_training_and_holds_2k_optimizer_state(tiny_llama):
     ids = torch.randint(1, 100, (3, 8), generator=torch.Generator().manual_seed(2))
     data = [{"input_ids": ids[i:i + 2], "labels": ids[i:i + 2]} for i in range(2)]

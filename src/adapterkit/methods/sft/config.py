@@ -123,6 +123,11 @@ class SFTConfig(AdapterConfig):
         """Whether selection looks at the changes of a dense phase 1."""
         return self.selection == "most_changed" or callable(self.selection)
 
+    @property
+    def needs_gradients(self) -> bool:
+        """Whether attaching needs ``calibration=batches`` (the command line then passes them)."""
+        return self.needs_dense_phase
+
     def budget(self, total: int) -> int:
         """K for ``total`` targeted entries (raises when it cannot be met)."""
         if self.k is not None:
