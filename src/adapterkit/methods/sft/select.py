@@ -172,6 +172,20 @@ def top_k_histogram(scores: Scores, k: int, exclude: Support | None = None, chun
     return {key: torch.cat(found) for key, found in parts.items()}, threshold
 
 
+def _distinct(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
+    """``k`` distinct uniform draws from ``[0, n)``, sorted, in O(k) memory: the first distinct
+    values of the stream (at most half of ``[0, n)``; beyond that, the complement is drawn)."""
+    if k > n // 2:
+        return np.setdiff1d(np.arange(n, dtype=np.int64), _distinct(rng, n, n - k), assume_unique=True)
+    picks = np.unique(rng.integers(0, n, size=k, dtype=np.int64))
+    while picks.size < k:
+        extra = rng.integers(0, n, size=2 * (k - picks.size) + 16, dtype=np.int64)
+        extra = extra[picks[np.minimum(np.searchsorted(picks, extra), picks.size - 1)] != extra]
+        _, first = np.unique(extra, return_index=True)  # new values in stream order
+        picks = np.union1d(picks, extra[np.sort(first)][:k - picks.size])
+    return picks
+
+
 def random_k(sizes: Sequence[tuple[str, int]], k: int, seed: int, exclude: Support | None = None) -> dict[str, Tensor]:
     """``k`` distinct entries drawn uniformly (seeded NumPy PCG64) from the entries outside ``exclude``."""
     _check(sizes, k, exclude)
@@ -179,8 +193,7 @@ def random_k(sizes: Sequence[tuple[str, int]], k: int, seed: int, exclude: Suppo
     taken = [exclude[key].cpu().numpy().astype(np.int64) + offsets[i]
              for i, (key, _) in enumerate(sizes) if exclude is not None and key in exclude]
     banned = np.sort(np.concatenate(taken)) if taken else np.empty(0, np.int64)
-    picks = np.sort(np.random.Generator(np.random.PCG64(seed)).choice(int(offsets[-1]) - banned.size, size=k,
-                                                                      replace=False))
+    picks = _distinct(np.random.Generator(np.random.PCG64(seed)), int(offsets[-1]) - banned.size, k)
     # the p-th free entry is p plus the number of banned entries before it
     flat = picks + np.searchsorted(banned - np.arange(banned.size), picks, side="right")
     out = {}
