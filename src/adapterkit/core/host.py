@@ -3,6 +3,9 @@
 * :class:`AdaptedModule` replaces one base module (kept unchanged as ``base_layer``) and runs its
   adapters around it: weight deltas (unfused, or folded into the base tensors by a
   :class:`~adapterkit.core.fusion.WeightFusion` per tensor), inserted modules, a replacing copy.
+  While a :class:`~adapterkit.Split` routes tokens through one of its adapters, it runs a
+  :class:`RoutedPlan` instead (both token paths, rows chosen by the thread's routing mask); every
+  other module, and every model without an active Split, runs the plain precomputed plan.
 * :class:`ModelHost` is a child of the model itself and runs model-level adapters around the
   model's forward (forward hooks: no forward is copied and no class is swapped).
 
