@@ -163,8 +163,8 @@ def module_dirs(system: systems.System, qlang: str, dlang: str, ranking_dir: str
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from ..apps.clir.tasks import METRICS, pair_data, score_run
-
+    from ..apps.clir.evaluate import compare
+    from ..apps.clir.tasks import METRICS, pair_data
     from ..zoo.clir import CLIR_PAIRS
 
     if args.pair not in CLIR_PAIRS:
@@ -180,10 +180,13 @@ def evaluate(args: argparse.Namespace) -> int:
     if system.reranks:
         runs[system.name] = score_system(backbone, system, data.collection, data.candidates, dirs, options)
     print(f"{args.pair}: {len(data.qids)} queries, top-{options.top_k} of a depth-{options.depth} first stage reranked")
+    result = compare({q: data.collection.qrels[q] for q in data.qids}, runs, METRICS)
     print(f"{'system':<16}" + "".join(f"{m:>18}" for m in METRICS))
-    for name, run in runs.items():
-        scores = score_run(data.collection.qrels, run, data.qids)
-        print(f"{name:<16}" + "".join(f"{scores.mean(m):>11.3f} ±{scores.stderr(m):.3f}" for m in METRICS))
+    for row in result.systems:
+        print(f"{row.name:<16}" + "".join(f"{row.means[m]:>11.3f} ±{row.stderrs[m]:.3f}" for m in METRICS))
+    if system.reranks:
+        p = result.system(system.name).p_values["first-stage"]
+        print("paired t-test against the first stage: " + ", ".join(f"{m} p={p[m]:.3g}" for m in METRICS))
     return 0
 
 

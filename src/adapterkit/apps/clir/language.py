@@ -147,7 +147,7 @@ def train_language_module(backbone: Backbone, lang: str, texts: Sequence[str], o
     artefact.save(model, out, name)
     first, last = trained.summary()
     record = ModuleRecord("language", options.kind, lang, name, trained.trainable, trained.seconds,
-                          len(trained.losses), first, last,
+                          trained.steps, first, last,
                           {**dataclasses.asdict(options), "lr": options.learning_rate, "shortlist": len(shortlist), "model": backbone.name})
     record.write(out)
     return record

@@ -70,7 +70,9 @@ def adapter_size(hidden: int, layers: int, reduction_factor: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class ModuleRecord:
-    """What was trained, how big it is and how long it took (``training.json`` beside the module)."""
+    """What was trained, how big it is and how long it took (``training.json`` beside the module).
+    ``steps`` counts every phase's optimizer steps; the losses (mean of the first and of the last
+    five steps) are those of the last phase (LT-SFT: the sparse phase)."""
 
     role: str          # "language" or "ranking"
     kind: str          # "sft", "adapter", "lora", "full"
@@ -107,11 +109,17 @@ def directory_bytes(directory: str | Path) -> int:
 
 @dataclasses.dataclass
 class Trained:
-    """Losses and wall time of one training call."""
+    """Losses and wall time of one training call (``steps``: optimizer steps, every phase counted;
+    the losses may cover only the last phase)."""
 
     losses: list[float]
     seconds: float
     trainable: int
+    steps: int = -1
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            self.steps = len(self.losses)
 
     def summary(self, tail: int = 5) -> tuple[float, float]:
         if not self.losses:
@@ -155,18 +163,13 @@ def train_sft(model: nn.Module, config: AdapterConfig, name: str, batches: Itera
     start = time.perf_counter()
     result = sft.train_sft(model, config, name, batches, loss_fn=loss_fn, lr=lr)
     seconds = time.perf_counter() - start
-    losses = _losses(result)
-    return Trained(losses, seconds, sum(p.numel() for p in api.adapter_parameters(model, name)))
+    steps = (config.full_steps + config.sparse_steps) * config.iterations
+    return Trained(_losses(result), seconds, sum(p.numel() for p in api.adapter_parameters(model, name)), steps)
 
 
 def _losses(result: Any) -> list[float]:
-    """Step losses from whatever ``train_sft`` returns (a list, or an object with phase losses)."""
-    if isinstance(result, list):
-        return [float(x) for x in result]
-    found: list[float] = []
-    for field in ("full_losses", "phase1_losses", "sparse_losses", "phase2_losses", "losses"):
-        found.extend(float(x) for x in getattr(result, field, None) or [])
-    return found
+    """The sparse phase's step losses (what ``train_sft`` returns)."""
+    return [float(x) for x in result]
 
 
 def freeze_all(model: nn.Module) -> None:

@@ -222,7 +222,7 @@ def train_ranking_module(backbone: Backbone, examples: Sequence[RankingExample],
         artefact.save(model, out, RANK)
     first, last = trained.summary()
     record = ModuleRecord("ranking", options.kind, "en", RANK, trained.trainable, trained.seconds,
-                          len(trained.losses), first, last, {**dataclasses.asdict(options), "lr": lr,
+                          trained.steps, first, last, {**dataclasses.asdict(options), "lr": lr,
                                                              "model": backbone.name},
                           on_top_of=None if lang_module is None else str(lang_module))
     record.write(out)
