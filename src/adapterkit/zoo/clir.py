@@ -29,6 +29,7 @@ import json
 import random
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Iterable
@@ -106,11 +107,13 @@ def _need(tool: str) -> None:
                                 f"Ubuntu machine (apt-get, dpkg-deb, groff) run: {FETCH_COMMAND}")
 
 
-def _download(debs: Path, packages: Iterable[str]) -> None:
+def _download(debs: Path, packages: Iterable[str], progress: bool = False) -> None:
     missing = [p for p in packages if not any(debs.glob(f"{p}_*.deb"))]
     if not missing:
         return
     debs.mkdir(parents=True, exist_ok=True)
+    if progress:
+        print(f"apt-get download: {len(missing)} Debian packages into {debs}", file=sys.stderr)
     done = subprocess.run(["apt-get", "download", *missing], cwd=debs, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["apt-get failed"])[-1]
@@ -146,7 +149,7 @@ def fetch_clir(directory: Path | None = None, progress: bool = True) -> Path:
         return root
     for tool in ("apt-get", "dpkg-deb", "groff"):
         _need(tool)
-    _download(root / "debs", PACKAGES)
+    _download(root / "debs", PACKAGES, progress)
     versions = _extract(root / "debs", root / "tree", PACKAGES)
     build_clir(root / "tree", root, progress=progress, versions=versions, priority=PACKAGES)
     return root

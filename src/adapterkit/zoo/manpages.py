@@ -121,8 +121,11 @@ def render(source: str) -> str:
     if shutil.which("groff") is None:
         raise DataNotFoundError("groff is needed to render man pages; install it with: apt-get install groff")
     macros = "-mandoc" if re.search(r"^\.(Dd|Sh)\b", source, re.MULTILINE) else "-man"  # BSD mdoc pages
-    done = subprocess.run([GROFF[0], macros, *GROFF[1:]], input=source.encode("utf-8"), capture_output=True,
-                          timeout=120, check=False)
+    try:
+        done = subprocess.run([GROFF[0], macros, *GROFF[1:]], input=source.encode("utf-8"), capture_output=True,
+                              timeout=120, check=False)
+    except subprocess.TimeoutExpired:
+        return ""  # a page that does not render in two minutes is left out, like an empty one
     return done.stdout.decode("utf-8", errors="replace")
 
 
