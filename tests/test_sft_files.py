@@ -54,6 +54,19 @@ def test_fifty_fuse_unfuse_cycles_are_bit_exact_over_every_kind_of_tensor(diffed
     assert torch.equal(model(input_ids=x).logits, unfused)
 
 
+def test_the_weight_delta_is_visible_to_analysis(diffed):
+    wrapper = get_state(diffed).wrappers["bert.encoder.layer.1.intermediate.dense"]
+    layer = wrapper.layer("sft")
+    dense = torch.zeros(wrapper.weight.numel())
+    dense[layer.part("weight").indices] = layer.part("weight").values.detach()
+    assert torch.equal(layer.delta_weight(wrapper.weight.shape), dense.view(wrapper.weight.shape))
+    for name, seed in (("x", 8), ("y", 9)):  # metrics compare 2-D weights: SFTs of the linear layers
+        ak.attach(diffed, ak.SFTConfig(k=3000, target_modules="all-linear", selection="random", seed=seed), name)
+        randomise(diffed, name, seed=seed)
+    result = ak.metrics.orthogonality(diffed, "x", "y")
+    assert len(result.layers) == 13 and 0 <= result.awor <= 1  # 2 × 6 encoder linears + the pooler
+
+
 def test_save_and_load_are_bit_exact_with_only_the_adapters_entries_and_its_metadata(tiny_bert, tmp_path):
     from transformers import BertForSequenceClassification
     from conftest import tiny_bert_config

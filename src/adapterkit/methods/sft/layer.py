@@ -109,6 +109,12 @@ class SFTLayer(DeltaLayer):
     def support(self) -> Tensor | None:  # several tensors: the fusing interface lives on the parts
         return None
 
+    def add_to_weight(self, weight: Tensor, scale: float) -> None:
+        """``weight += scale · Δ`` of the module's ``weight`` only (``delta_weight`` for analysis such
+        as :func:`adapterkit.metrics.orthogonality`; fusing goes through :meth:`part`)."""
+        if "weight" in self.tensor_names:
+            self.part("weight").add_to_weight(weight, scale)
+
     def supports(self) -> dict[str, Tensor]:
         """Flat indices of the chosen entries, by parameter name (only parameters with entries)."""
         return {t: self.part(t).indices for t in self.delta_tensors()}
