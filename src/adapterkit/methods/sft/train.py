@@ -98,6 +98,7 @@ def run_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Itera
     """``steps`` optimizer steps of ``accumulation`` micro-batches each: every micro-batch's loss
     counts ``1/accumulation``; ``penalty()`` is added once per optimizer step (not per micro-batch)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    optimizer.zero_grad(set_to_none=True)  # gradients left from before do not leak into the first step
     losses: list[float] = []
     for index in tqdm(range(steps), desc=desc, disable=not progress, leave=False, mininterval=1.0):
         step(model)
@@ -272,6 +273,7 @@ def _iterate(model: nn.Module, config: SFTConfig, name: str, batches: Iterable[A
                for path, layer in layers.items() for t in layer.tensor_names]
     shares = config.shares(sum(t.param.numel() for t in tensors))
     outcome = dict(next(iter(layers.values())).outcome or {})
+    outcome["iterations"] = list(outcome.get("iterations", []))  # a copy: the layers keep attach's record
     losses = sparse_phase(model, config, name, batches, loss_fn, lr, weight_decay, max_grad_norm, progress)
     record = get_state(model).record(name)
     heads = [p for path in record.copies for p in get_state(model).host(path).layer(name).parameters()]
@@ -285,7 +287,7 @@ def _iterate(model: nn.Module, config: SFTConfig, name: str, batches: Iterable[A
         for path, by_tensor in chosen.indices.items():
             for tensor, indices in by_tensor.items():
                 layers[path].grow(tensor, indices)
-        outcome.setdefault("iterations", []).append({"new": chosen.count, "threshold": chosen.threshold})
+        outcome["iterations"].append({"new": chosen.count, "threshold": chosen.threshold})
         losses += sparse_phase(model, config, name, batches, loss_fn, lr, weight_decay, max_grad_norm, progress)
     outcome["k"] = sum(layer.nnz for layer in layers.values())
     outcome["density"] = outcome["k"] / max(1, outcome.get("entries", 0))
