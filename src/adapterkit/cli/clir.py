@@ -123,11 +123,12 @@ def train_ranking(args: argparse.Namespace) -> int:
                                      max_query_tokens=args.max_query_tokens, max_doc_tokens=args.max_doc_tokens,
                                      seed=args.seed)
     out = _out(args.out)
+    ranking.check_lang_module(args.kind, args.lang_module)
     if args.lang_module is not None:
         record = ModuleRecord.read(args.lang_module)
-        if record.role != "language" or record.lang != "en":
-            raise ConfigError(f"--lang-module {args.lang_module} is a {record.lang} {record.role} module; "
-                              "give the English language module")
+        if record.role != "language" or record.lang != "en" or record.kind != args.kind:
+            raise ConfigError(f"--lang-module {args.lang_module} holds the {record.lang} {record.role} module of kind "
+                              f"{record.kind}; a {args.kind} ranking module needs the English {args.kind} language module")
     examples = ranking_examples(options.negatives, args.train_queries, args.seed)
     backbone = Backbone.load(args.model)
     print(f"training the {args.kind} ranking module on {len(examples):,} English queries "
@@ -146,8 +147,8 @@ def module_dirs(system: systems.System, qlang: str, dlang: str, ranking_dir: str
         raise ConfigError(f"system {system.name} needs --ranking DIR")
     record = ModuleRecord.read(ranking_dir)
     if record.role != "ranking" or record.kind != system.ranker:
-        raise ConfigError(f"--ranking {ranking_dir} is a {record.kind} {record.role} module; "
-                          f"system {system.name} needs a {system.ranker} ranking module")
+        raise ConfigError(f"--ranking {ranking_dir} holds a {record.role} module of kind {record.kind}; "
+                          f"system {system.name} needs the ranking module of kind {system.ranker}")
     dirs = ModuleDirs(Path(ranking_dir))
     for code in plan.languages:
         role = "dlang" if code == dlang else "qlang"
@@ -156,8 +157,8 @@ def module_dirs(system: systems.System, qlang: str, dlang: str, ranking_dir: str
             raise ConfigError(f"system {system.name} on {qlang}-{dlang} needs --{role} DIR (the {code} language module)")
         lang = ModuleRecord.read(directory)
         if lang.role != "language" or lang.lang != code or lang.kind != system.ranker:
-            raise ConfigError(f"--{role} {directory} is a {lang.lang} {lang.kind} {lang.role} module; "
-                              f"system {system.name} needs the {code} {system.ranker} language module")
+            raise ConfigError(f"--{role} {directory} holds the {lang.lang} {lang.role} module of kind {lang.kind}; "
+                              f"system {system.name} needs the {code} language module of kind {system.ranker}")
         dirs.languages[code] = Path(directory)
     return dirs
 

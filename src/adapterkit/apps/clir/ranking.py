@@ -179,18 +179,24 @@ def load_full(model: CrossEncoder, directory: str | Path) -> None:
             own[name].copy_(tensor)
 
 
+def check_lang_module(kind: str, lang_module: Any) -> None:
+    """SFT and adapter ranking modules are trained on top of the English language module; LoRA and
+    full fine-tuning without one."""
+    needs_lang = kind in ("adapter", "sft")
+    if needs_lang and lang_module is None:
+        raise ConfigError(f"a {kind} ranking module is trained on top of the English language module; "
+                          "give its directory")
+    if not needs_lang and lang_module is not None:
+        raise ConfigError(f"a {kind} ranking module is trained without a language module")
+
+
 def train_ranking_module(backbone: Backbone, examples: Sequence[RankingExample], options: RankingOptions,
                          out: str | Path, lang_module: str | Path | None = None) -> ModuleRecord:
     """Train the ranking module of ``options.kind`` on ``examples`` and save it into ``out``.
 
     ``lang_module``: the English language module (an adapter for ``adapter``, an SFT for ``sft``);
     required for those kinds, refused for ``lora`` and ``full``."""
-    needs_lang = options.kind in ("adapter", "sft")
-    if needs_lang and lang_module is None:
-        raise ConfigError(f"a {options.kind} ranking module is trained on top of the English language module; "
-                          "give its directory")
-    if not needs_lang and lang_module is not None:
-        raise ConfigError(f"a {options.kind} ranking module is trained without a language module")
+    check_lang_module(options.kind, lang_module)
     model = cross_encoder(backbone.fresh())
     encoder = PairEncoder(backbone.tokenizer, options.pair_format)
     batches = RankingBatches(encoder, examples, options.queries_per_batch, options.negatives, options.steps,
