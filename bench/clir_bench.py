@@ -18,7 +18,7 @@ composition (identical compositions on one pair are scored once) and invalidated
 uses is retrained or the evaluation sizes change. Interrupt and re-run at will.
 
     .venv/bin/python bench/clir_bench.py --plan-only   # the estimated time of every stage
-    .venv/bin/python bench/clir_bench.py               # the grid (~65 min on 2 idle cores, fp32)
+    .venv/bin/python bench/clir_bench.py               # the grid (plan: ~67 min on 2 idle cores, fp32)
     .venv/bin/python bench/clir_bench.py --quick       # tiny random Gemma3 + real tokenizer/data, ~3 min
     .venv/bin/python bench/clir_bench.py --report-only # re-render .md/.png from the JSON
 """
@@ -59,7 +59,7 @@ class Settings:
 
     model: str = "gemma3"
     pairs: tuple[str, ...] = ("en-de", "en-fr", "en-es", "en-ru", "de-de")
-    queries: int = 30
+    queries: int = 32
     top_k: int = 10
     depth: int = 100
     eval_batch: int = 16
@@ -71,7 +71,7 @@ class Settings:
     lang_rf: int = 2
     shortlist: int = 16384
     max_texts: int = 20000
-    rank_steps: int = 40
+    rank_steps: int = 50
     rank_queries: int = 2
     negatives: int = 3
     rank_rf: int = 8
@@ -309,6 +309,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, Settings]:
     parser.add_argument("--plan-only", action="store_true", help="print the estimated time of each stage and stop")
     parser.add_argument("--report-only", action="store_true", help="re-render the report from the JSON")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="scale the time plan by this machine's speed (one 8x64 forward of the model)")
     for field in dataclasses.fields(Settings):
         flag = "--" + field.name.replace("_", "-")
         if field.name == "pairs":
@@ -328,11 +330,12 @@ def main(argv: list[str]) -> int:
         R.render(stem, args.quick)
         return 0
     torch.set_num_threads(args.threads)
-    plan = R.estimate(settings)
+    bench = Bench(settings, ROOT / "bench" / "work" / ("clir-quick" if args.quick else "clir"))
+    scale = R.calibrate(bench.backbone) if args.calibrate and settings.model != "tiny" else 1.0
+    plan = R.estimate(settings, scale)
     print(R.plan_table(plan, settings))
     if args.plan_only:
         return 0
-    bench = Bench(settings, ROOT / "bench" / "work" / ("clir-quick" if args.quick else "clir"))
     started = time.perf_counter()
     log("stage 1/3: language modules")
     bench.language_modules()

@@ -17,30 +17,51 @@ RESULTS = ROOT / "bench" / "results"
 QUICK_RESULTS = Path(os.environ.get("BENCH_QUICK_DIR") or RESULTS / "tmp")
 METRICS = ("map", "mrr@10", "ndcg@10")
 
-#: Gemma-3-270M body, fp32, 2 idle cores (measured for issue 11): seconds per 512 tokens
-FORWARD_S = 0.85
-TRAIN_S = 2.5          # forward + backward with a frozen body (adapters, LoRA, sparse phase)
-DENSE_FACTOR = 1.3     # weight gradients of ~100M decoder weights (full FT, LT-SFT phase 1)
+#: Gemma-3-270M body, fp32, 2 mostly idle cores (measured here, 8x64 forward 0.83 s): seconds per 512 tokens
+FORWARD_S = 0.85       # scoring (LT-SFT compositions fused): 16x81 tokens 2.22 s
+TRAIN_S = 1.75         # forward + backward with a frozen body (adapter ranking step, 8x81 tokens: 2.19 s)
+SPARSE_FACTOR = 1.15   # LT-SFT sparse phase: the diff is overlaid on the weights at every forward
+DENSE_FACTOR = 1.4     # weight gradients of the ~100M decoder weights (full FT step, 8x81 tokens: 3.48 s)
 DENSE_OPTIMIZER_S = 0.4  # AdamW over those weights, per step
-SHORTLIST_S = 0.2      # the 16k-row shortlist softmax, forward + backward
+SHORTLIST_S = 0.4      # the 16k-row shortlist softmax (language adapter step, 8x64 tokens: 2.19 s)
 LOAD_S = 6.0           # copy the model and load modules, per trained module
 QUERY_TOKENS = 17      # BOS + a NAME line (~12 tokens) + separator + EOS
 
 
-def estimate(s: Any) -> dict[str, Any]:
-    """Seconds per stage from the sizes (the cost constants above, linear in tokens)."""
+def calibrate(backbone: Any) -> float:
+    """This machine's time for a body forward of 8x64 tokens over :data:`FORWARD_S` (the plan's scale)."""
+    import time
+
+    import torch
+
+    body = backbone.lm.model
+    ids = torch.randint(10, 1000, (8, 64))
+    times = []
+    with torch.no_grad():
+        for _ in range(3):
+            start = time.perf_counter()
+            body(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+            times.append(time.perf_counter() - start)
+    return min(times[1:]) / FORWARD_S
+
+
+def estimate(s: Any, scale: float = 1.0) -> dict[str, Any]:
+    """Seconds per stage from the sizes (the cost constants above, linear in tokens), times ``scale``
+    (:func:`calibrate`)."""
     from adapterkit.apps.clir import systems
 
     if s.model == "tiny":
         return {"stages": {}, "total_s": 0.0, "note": "tiny model: not estimated"}
     lang_tokens = s.lang_batch * s.lang_tokens / 512
     head = SHORTLIST_S * lang_tokens * s.shortlist / 16384
-    sparse = TRAIN_S * lang_tokens + head
+    frozen = TRAIN_S * lang_tokens + head
+    sparse = TRAIN_S * lang_tokens * SPARSE_FACTOR + head
     dense = TRAIN_S * lang_tokens * DENSE_FACTOR + DENSE_OPTIMIZER_S + head
     n_lang = len(s.languages)
     pair_tokens = s.max_doc_tokens + QUERY_TOKENS
     rank_tokens = s.rank_queries * (1 + s.negatives) * pair_tokens / 512
-    r_sparse, r_dense = TRAIN_S * rank_tokens, TRAIN_S * rank_tokens * DENSE_FACTOR + DENSE_OPTIMIZER_S
+    r_frozen, r_sparse = TRAIN_S * rank_tokens, TRAIN_S * rank_tokens * SPARSE_FACTOR
+    r_dense = TRAIN_S * rank_tokens * DENSE_FACTOR + DENSE_OPTIMIZER_S
     runs = 0
     for pair in s.pairs:
         q, d = pair.split("-")
@@ -48,16 +69,18 @@ def estimate(s: Any) -> dict[str, Any]:
     per_run = FORWARD_S * s.queries * s.top_k * pair_tokens / 512
     stages = {
         "language LT-SFTs": n_lang * (s.lang_steps * (dense + sparse) + LOAD_S),
-        "language adapters": n_lang * (2 * s.lang_steps * sparse + LOAD_S),
+        "language adapters": n_lang * (2 * s.lang_steps * frozen + LOAD_S),
         "ranking full FT": s.rank_steps * r_dense + LOAD_S,
         "ranking LT-SFT": s.rank_steps * (r_dense + r_sparse) + LOAD_S,
-        "ranking adapter + LoRA": 2 * (s.rank_steps * r_sparse + LOAD_S),
+        "ranking adapter + LoRA": 2 * (s.rank_steps * r_frozen + LOAD_S),
         f"rerank {runs} distinct (system, pair) runs": runs * per_run,
         "first stage (USE encodings, cached after)": 60.0 * sum(p.split("-")[0] != p.split("-")[1] for p in s.pairs),
     }
-    return {"stages": stages, "total_s": sum(stages.values()), "runs": runs,
-            "constants": {"forward_s_per_512": FORWARD_S, "train_s_per_512": TRAIN_S, "dense_factor": DENSE_FACTOR,
-                          "dense_optimizer_s": DENSE_OPTIMIZER_S, "shortlist_s": SHORTLIST_S}}
+    stages = {k: v * scale for k, v in stages.items()}
+    return {"stages": stages, "total_s": sum(stages.values()), "runs": runs, "scale": scale,
+            "constants": {"forward_s_per_512": FORWARD_S, "train_s_per_512": TRAIN_S, "sparse_factor": SPARSE_FACTOR,
+                          "dense_factor": DENSE_FACTOR, "dense_optimizer_s": DENSE_OPTIMIZER_S,
+                          "shortlist_s": SHORTLIST_S}}
 
 
 def plan_table(plan: dict[str, Any], s: Any) -> str:
@@ -66,7 +89,9 @@ def plan_table(plan: dict[str, Any], s: Any) -> str:
              f"at {s.rank_queries}x(1+{s.negatives}) pairs; docs cut to {s.max_doc_tokens} tokens"]
     for name, seconds in plan["stages"].items():
         lines.append(f"  {name:<48} {seconds / 60:6.1f} min")
-    lines.append(f"  {'estimated total (fp32, 2 idle cores)':<48} {plan['total_s'] / 60:6.1f} min")
+    scale = plan.get("scale", 1.0)
+    where = "2 idle cores" if scale == 1.0 else f"calibrated here: x{scale:.2f}"
+    lines.append(f"  {f'estimated total (fp32, {where})':<48} {plan['total_s'] / 60:6.1f} min")
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import adapterkit as ak
 from adapterkit.apps.clir import language, pipeline, ranking, reranker, systems
+from adapterkit.apps.clir.evaluate import ranked_ids
 from adapterkit.apps.clir.modules import ADAPTER_TARGETS, Backbone, ModuleRecord, adapter_size
 from adapterkit.errors import ConfigError
 
@@ -281,8 +282,8 @@ def test_rerank_scores_the_top_k_and_keeps_the_rest_below(gemma, trained_adapter
         run = pipeline.score_system(gemma, systems.system(name), coll, candidates, trained_adapters, options,
                                     progress=False)
         for q, docs in candidates.items():
-            order = pipeline.ranked(docs)
-            new = pipeline.ranked(run[q])
+            order = ranked_ids(docs)
+            new = ranked_ids(run[q])
             assert set(new[:3]) == set(order[:3]) and new[3:] == order[3:]
 
 

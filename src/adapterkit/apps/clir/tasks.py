@@ -4,15 +4,16 @@ shared by the command line and the benchmark."""
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 from typing import Mapping, Sequence
 
 from ...errors import ConfigError
-from .pipeline import Collection, EvalOptions, Run, first_stage, select_queries
+from .evaluate import METRICS
+from ...zoo.clir import Collection
+from .pipeline import EvalOptions, Run, first_stage_run, select_queries
 from .ranking import RankingExample
 
-METRICS = ("map", "mrr@10", "ndcg@10")
+__all__ = ["METRICS", "PairData", "examples_from", "language_texts", "pair_data", "ranking_examples"]
 
 
 def language_texts(lang: str) -> list[str]:
@@ -62,35 +63,4 @@ def pair_data(pair: str, options: EvalOptions) -> PairData:
 
     collection = load_collection(pair)
     qids = select_queries(collection, options.queries, options.seed)
-    return PairData(collection, qids, first_stage(collection, options.depth, qids))
-
-
-@dataclasses.dataclass(frozen=True)
-class Scores:
-    """Per-query values of each metric (in :attr:`qids` order)."""
-
-    qids: tuple[str, ...]
-    values: Mapping[str, tuple[float, ...]]
-
-    def mean(self, metric: str) -> float:
-        v = self.values[metric]
-        return sum(v) / len(v)
-
-    def stderr(self, metric: str) -> float:
-        """Standard error of the mean over queries."""
-        v = self.values[metric]
-        if len(v) < 2:
-            return 0.0
-        m = self.mean(metric)
-        return math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1) / len(v))
-
-
-def score_run(qrels: Mapping[str, Mapping[str, int]], run: Run, qids: Sequence[str],
-              metrics: Sequence[str] = METRICS) -> Scores:
-    """Per-query metric values of ``run`` (ranx, through :func:`.evaluate.evaluate`)."""
-    from .evaluate import evaluate
-
-    qids = tuple(qids)
-    judged = {q: dict(qrels[q]) for q in qids}
-    values = evaluate(judged, {q: dict(run.get(q, {})) for q in qids}, list(metrics), per_query=True)
-    return Scores(qids, {m: tuple(float(values[m][q]) for q in qids) for m in metrics})
+    return PairData(collection, qids, first_stage_run(collection, options.depth, qids))
