@@ -99,6 +99,7 @@ def _report(record: ModuleRecord, out: Path) -> None:
 
 
 def train_language(args: argparse.Namespace) -> int:
+    """``clir train-language``: one language module on that language's monolingual text."""
     from ..apps.clir.tasks import language_texts
 
     options = language.LanguageOptions(kind=args.kind, steps=args.steps, batch_size=args.batch_size,
@@ -115,6 +116,7 @@ def train_language(args: argparse.Namespace) -> int:
 
 
 def train_ranking(args: argparse.Namespace) -> int:
+    """``clir train-ranking``: the ranking module on the English training pages."""
     from ..apps.clir.tasks import ranking_examples
 
     options = ranking.RankingOptions(kind=args.kind, steps=args.steps, queries_per_batch=args.queries_per_batch,
@@ -164,6 +166,7 @@ def module_dirs(system: systems.System, qlang: str, dlang: str, ranking_dir: str
 
 
 def evaluate(args: argparse.Namespace) -> int:
+    """``clir evaluate``: one system on one pair, beside the first stage, with a paired t-test."""
     from ..apps.clir.evaluate import compare
     from ..apps.clir.tasks import METRICS, pair_data
     from ..zoo.clir import CLIR_PAIRS

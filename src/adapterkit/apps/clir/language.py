@@ -111,6 +111,7 @@ class PackedBatches:
 
 
 def sample_texts(texts: Sequence[str], limit: int, seed: int) -> list[str]:
+    """The non-empty texts, a seeded sample of ``limit`` of them when there are more."""
     texts = [t for t in texts if t and t.strip()]
     if len(texts) > limit:
         texts = random.Random(seed).sample(texts, limit)

@@ -49,6 +49,7 @@ class Backbone:
         return cls(str(name_or_path), lm.eval(), tokenizer)
 
     def fresh(self) -> nn.Module:
+        """An independent copy of the pretrained LM (frozen)."""
         return copy.deepcopy(self.lm)
 
     @property
@@ -170,8 +171,3 @@ def train_sft(model: nn.Module, config: AdapterConfig, name: str, batches: Itera
 def _losses(result: Any) -> list[float]:
     """The sparse phase's step losses (what ``train_sft`` returns)."""
     return [float(x) for x in result]
-
-
-def freeze_all(model: nn.Module) -> None:
-    for param in model.parameters():
-        param.requires_grad_(False)

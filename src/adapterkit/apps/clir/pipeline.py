@@ -126,6 +126,7 @@ class RerankerPool:
         self.models: dict[str, CrossEncoder] = {}
 
     def model_for(self, plan: Plan) -> CrossEncoder:
+        """The ranker's model with exactly the plan's composition in effect."""
         if plan.ranker not in self.dirs:
             raise ConfigError(f"no trained {plan.ranker} modules were given")
         dirs = self.dirs[plan.ranker]

@@ -141,6 +141,7 @@ def listwise_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 
 def pointwise_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Binary cross-entropy of every pair's score against its 0/1 label."""
     scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])["logits"]
     return F.binary_cross_entropy_with_logits(scores, batch["labels"].to(scores.dtype))
 
@@ -157,6 +158,7 @@ def full_parameters(model: CrossEncoder) -> dict[str, nn.Parameter]:
 
 
 def save_full(model: CrossEncoder, directory: str | Path) -> None:
+    """Write what full fine-tuning trained (``full.safetensors``; the embeddings are the base's)."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     write_tensors(out / FULL_FILE, {n: p.detach() for n, p in full_parameters(model).items()},

@@ -42,6 +42,7 @@ def body_of(lm: nn.Module) -> nn.Module:
 
 
 def hidden_size(body: nn.Module) -> int:
+    """Width of the decoder's hidden states."""
     return int(body.config.hidden_size)
 
 
@@ -75,6 +76,7 @@ class CrossEncoder(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None,
                 **_: Any) -> dict[str, Tensor]:
+        """Scores of right-padded pairs (:class:`PairEncoder`); extra batch keys are ignored."""
         hidden = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         scores = self.head(last_token_states(hidden, attention_mask)).squeeze(-1)
         out = {"logits": scores}
@@ -194,6 +196,7 @@ class EncodedPairs:
     doc_mask: Tensor
 
     def inputs(self) -> dict[str, Tensor]:
+        """The model's keyword arguments (the document mask is for routing, not the model)."""
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
 
 
@@ -212,6 +215,7 @@ class PairEncoder:
         return [list(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
     def encode(self, queries: Sequence[str], docs: Sequence[str]) -> EncodedPairs:
+        """One right-padded row per (query, document) pair."""
         if len(queries) != len(docs) or not queries:
             raise ConfigError(f"need one query per document and at least one pair, got {len(queries)} and {len(docs)}")
         rows, marks = [], []

@@ -59,6 +59,7 @@ class PairData:
 
 
 def pair_data(pair: str, options: EvalOptions) -> PairData:
+    """Load ``pair``, sample its queries and retrieve their first-stage candidates."""
     from ...zoo.clir import load_collection
 
     collection = load_collection(pair)
