@@ -1,5 +1,5 @@
 """A Hypothesis state machine over the public API on a small MLP: LoRA (also low-bit), SHiRA, DyLoRA
-and bottleneck adapters attached, detached, activated, fused, unfused, switched, re-ranked, quantised,
+and bottleneck adapters attached, detached, activated (as lists and as nested Add/Stack blocks), fused, unfused, switched, re-ranked, quantised,
 saved and loaded under new names, plus deliberately invalid calls, in any order.
 
 The machine keeps its own model of the state (adapters, active and fused sets, DyLoRA ranks, bit
@@ -203,6 +203,33 @@ class AdapterMachine(RuleBasedStateMachine):
             errors.append(FusedStateError)
         if self.attempt(errors, ak.activate, self.model, names or None, weights):
             self.active = pairs
+
+    @rule(data=st.data())
+    def activate_block(self, data):
+        """A composition block: a nested ``Add`` of deltas (weights multiply), inside a ``Stack``
+        with inserted modules after it; an ``Add`` holding an inserted module is refused."""
+        attached = list(self.specs)
+        if not attached:
+            return
+        chosen = data.draw(st.lists(st.sampled_from(attached), min_size=1, max_size=4, unique=True))
+        deltas = [n for n in chosen if self.specs[n].kind != "bottleneck"]
+        inserted = [n for n in chosen if self.specs[n].kind == "bottleneck"]
+        scale = st.sampled_from([1.0, 0.5, -1.0, 2.0])
+        outer, inner = data.draw(scale), data.draw(scale)
+        if data.draw(st.booleans()) and inserted:  # an inserted module inside an Add
+            block, errors, pairs = ak.Add(*chosen), [ConfigError], ()
+        elif deltas:
+            add = ak.Add(deltas[0], ak.Add(*deltas[1:], weights=[inner] * (len(deltas) - 1)), weights=[outer, 1.0]) \
+                if len(deltas) > 1 else ak.Add(deltas[0], weights=[outer])
+            block = ak.Stack(add, *inserted) if inserted else add
+            pairs = ((deltas[0], outer),) + tuple((n, inner) for n in deltas[1:]) + tuple((n, 1.0) for n in inserted)
+            errors = [FusedStateError] if self.fused and self.deltas_of(pairs) != self.fused else []
+        else:
+            return  # only inserted modules: the list/Stack rules already cover them
+        event(f"activate_block: {type(block).__name__}{' (refused)' if errors else ''}")
+        if self.attempt(errors, ak.activate, self.model, block):
+            assert sorted(ak.active_adapters(self.model)) == sorted(pairs)
+            self.active = tuple(ak.active_adapters(self.model))
 
     @rule(data=st.data(), named=st.booleans(), exact=st.booleans())
     def fuse(self, data, named, exact):
