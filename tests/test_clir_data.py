@@ -108,12 +108,11 @@ def test_training_pages_are_held_out_of_every_test_set(built):
 def test_monolingual_text_excludes_query_pages(built):
     german = clir.load_monolingual("de", root=built)
     assert "Ein Widget im Verzeichnis ist besser als zwei auf dem Server." in german
-    assert any(t.startswith("blink lässt die Lampen") for t in german)
     assert not any("stülpt" in t or "Sperrdateien" in t for t in german)  # relevant documents of test queries
+    assert not any(t.startswith("blink lässt die Lampen") for t in german)  # a distractor document of the pool
     assert not any("off-Verzeichnis" in t for t in german) and ":-)" not in german
-    assert len(german) == len(set(german)) == 3
-    assert clir.load_monolingual("de", root=built, sources=["fortunes"]) == [
-        t for t in german if not t.startswith("blink")]
+    assert len(german) == len(set(german)) == 2
+    assert clir.load_monolingual("de", root=built, sources=["fortunes"]) == german
     english = clir.load_monolingual("en", root=built)
     assert sorted(english) == ["A lock file marks a widget that a process is currently working on.",
                                "A widget is any small object that can be turned inside out without damage.",
@@ -129,7 +128,7 @@ def test_licences_and_manifest(built):
     assert licences["manpages"].version == "unknown" and "Hand-written fixture" in licences["manpages"].copyright
     manifest = json.loads((built / "manifest.json").read_text())
     assert manifest["queries"]["en-de"] == 2 and manifest["ranking_train_queries"] == 2
-    assert manifest["monolingual"]["de"] == {"fortunes": 2, "gettext": 0, "manpages": 1}
+    assert manifest["monolingual"]["de"] == {"fortunes": 2, "gettext": 0, "manpages": 0}
 
 
 @needs_groff
@@ -187,3 +186,30 @@ def test_fetch_reuses_a_complete_build(built, monkeypatch):
 
     monkeypatch.setattr(clir.subprocess, "run", refuse)
     assert clir.fetch_clir(built, progress=False) == built
+
+
+def test_texts_overlapping_a_test_collection_are_left_out():
+    document = "Der Befehl kopiert jede Datei in das angegebene Verzeichnis und behält dabei die Rechte."
+    collection = clir.Collection("en-de", "en", "de", {"en:q": "copy files and directories"}, {"de:d": document},
+                                 {"en:q": {"de:d": 1}})
+    mono = clir.Collection("de-de", "de", "de", {"de:q": "Dateien und Verzeichnisse kopieren"}, {"de:d": document},
+                           {"de:q": {"de:d": 1}})
+    texts = ["Ein Satz, der nichts mit Handbuchseiten zu tun hat, bleibt im Training.",
+             "Achtung: DER BEFEHL kopiert jede Datei in das angegebene Verzeichnis, sagt die Meldung.",  # 8 words shared
+             "Der Befehl kopiert jede Datei in das Netz.",  # only 7 words in a row
+             "Hilfe: Dateien und Verzeichnisse kopieren (siehe oben)."]  # a German test query
+    kept = clir.unseen_texts(texts, [collection, mono], "de")
+    assert kept == [texts[0], texts[2]]
+    english = ["How to copy files and directories quickly", "Nothing to do with the queries at all"]
+    assert clir.unseen_texts(english, [collection, mono], "en") == english[1:]
+    assert clir.unseen_texts(texts, [collection, mono], "ru") == texts  # other languages are not affected
+
+
+@needs_groff
+def test_monolingual_text_shares_no_eight_words_with_any_test_document(built):
+    for lang in ("de", "ru"):
+        docs = [d for pair in (f"en-{lang}", f"{lang}-{lang}") for d in clir.load_collection(pair, built).docs.values()]
+        grams = {tuple(w[i:i + 8]) for d in docs for w in [clir._words(d)] for i in range(len(w) - 7)}
+        for text in clir.load_monolingual(lang, built):
+            words = clir._words(text)
+            assert not any(tuple(words[i:i + 8]) in grams for i in range(len(words) - 7)), text

@@ -15,7 +15,9 @@ into ``cache_dir()/clir``:
 * **Monolingual text** for language modules: fortunes (de, es, ru; the offensive ``off/`` collections
   skipped), DESCRIPTION paragraphs of translated pages that are **not** a query page of any test
   collection of that language, and translated gettext messages (≥ 5 words) of the downloaded packages;
-  English text comes from the held-out training pages only.
+  English text comes from the held-out training pages only. Every text that shares 8 consecutive words
+  with any document of a test pool of its language (relevant or distractor), or contains one of its
+  test queries, is left out (:func:`unseen_texts`): language modules never read what they are tested on.
 
 Identical document texts are merged (the smallest id is kept and the qrels point at it). Page texts
 are GPL (and other free) licensed: they are kept in the cache, never in the repository;
@@ -27,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -39,7 +42,9 @@ from . import manpages
 from .data import cache_dir
 
 FETCH_COMMAND = "adapterkit fetch-data clir"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: monolingual text filtered against the test collections
+SHINGLE_WORDS = 8  # a text sharing this many consecutive words with a test document is left out
+_WORD = re.compile(r"\w+")
 DESCRIPTION_WORDS = 200
 MIN_PARAGRAPH_WORDS = 5  # shorter DESCRIPTION paragraphs are mostly option names
 TRANSLATED = ("de", "fr", "es", "ru")
@@ -224,6 +229,36 @@ def build_collections(pages: list[manpages.Page], priority: tuple[str, ...] = ()
     return collections, train, text
 
 
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def unseen_texts(texts: list[str], collections: Iterable[Collection], lang: str) -> list[str]:
+    """``texts`` without those that overlap a test collection of language ``lang``: sharing
+    :data:`SHINGLE_WORDS` consecutive words with any document of its pools (relevant or not), or
+    containing one of its queries of three or more words. Language modules must never have read the
+    texts they are tested on, whatever source (fortunes, gettext messages, other pages) repeats them."""
+    collections = list(collections)
+    spans: dict[int, set[tuple[str, ...]]] = {}  # word n-grams to avoid, by n
+    for collection in collections:
+        if collection.doc_lang == lang:
+            for doc in collection.docs.values():
+                words = _words(doc)
+                spans.setdefault(SHINGLE_WORDS, set()).update(
+                    tuple(words[i:i + SHINGLE_WORDS]) for i in range(len(words) - SHINGLE_WORDS + 1))
+        if collection.query_lang == lang:
+            for query in collection.queries.values():
+                words = tuple(_words(query))
+                if len(words) >= 3:
+                    spans.setdefault(len(words), set()).add(words)
+
+    def seen(text: str) -> bool:
+        words = _words(text)
+        return any(tuple(words[i:i + n]) in grams for n, grams in spans.items() for i in range(len(words) - n + 1))
+
+    return [t for t in texts if not seen(t)]
+
+
 def _paragraphs(pages: Iterable[manpages.Page]) -> list[str]:
     return sorted({t for p in pages for t in p.paragraphs if len(t.split()) >= MIN_PARAGRAPH_WORDS})
 
@@ -247,6 +282,8 @@ def build_clir(tree: Path, out: Path, progress: bool = False, workers: int = 2,
         text[lang]["fortunes"] = sorted({t for p in packages if p == f"fortunes-{lang}"
                                          for t in manpages.fortunes(tree / p)})
         text[lang]["gettext"] = sorted({t for p in packages for t in manpages.catalog_messages(tree / p, lang)})
+    text = {lang: {source: unseen_texts(texts, collections.values(), lang) for source, texts in by_source.items()}
+            for lang, by_source in text.items()}
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)
     for directory in ("pairs", "mono"):
