@@ -212,7 +212,8 @@ class Bench:
 
         path = self.work / "runs" / pair / "first-stage.json"
         options = self.s.eval_options()
-        settings = {"queries": options.queries, "depth": options.depth, "seed": options.seed}
+        settings = {"queries": options.queries, "depth": options.depth, "seed": options.seed,
+                    "collection": _collection_digest(pair)}  # a rebuilt collection invalidates the cache
         cached = _read(path)
         if cached and cached["settings"] == settings:
             return load_collection(pair), cached["qids"], cached["run"]
@@ -286,6 +287,14 @@ class Bench:
 def _module_row(directory: Path) -> dict[str, Any]:
     record = ModuleRecord.read(directory)
     return {**dataclasses.asdict(record), "bytes": directory_bytes(directory)}
+
+
+def _collection_digest(pair: str) -> str:
+    import hashlib
+
+    from adapterkit.zoo.data import cache_dir
+
+    return hashlib.sha256((cache_dir() / "clir" / "pairs" / f"{pair}.json").read_bytes()).hexdigest()[:16]
 
 
 def _read(path: Path) -> dict[str, Any] | None:

@@ -160,3 +160,23 @@ def test_multilingual_use_finds_the_translation(tmp_path, monkeypatch):
     run = fs.use_run(collection, k=3)
     assert all(next(iter(run[q])) == "de:" + q[3:] for q in queries)
     assert ev.evaluate(collection.qrels, run)["mrr@10"] == 1.0
+
+
+def test_significance_is_paired_over_queries():
+    """B is A one rank worse on every query: a paired test sees it, an unpaired one cannot (the
+    spread between queries dwarfs the difference)."""
+    from scipy import stats
+
+    ranks = [2, 5, 3, 8, 4, 2, 6, 3, 5, 2, 7, 4]
+    qrels = {f"q{i}": {"rel": 1} for i in range(len(ranks))}
+
+    def at(rank: int) -> dict[str, float]:
+        return {("rel" if r == rank else f"x{r}"): 10.0 - r for r in range(1, 10)}
+
+    a = {q: at(r) for q, r in zip(qrels, ranks)}
+    b = {q: at(r + 1) for q, r in zip(qrels, ranks)}
+    table = ev.compare(qrels, {"a": a, "b": b}, metrics=["mrr@10"])
+    paired = table.system("a").p_values["b"]["mrr@10"]
+    unpaired = stats.ttest_ind([1 / r for r in ranks], [1 / (r + 1) for r in ranks]).pvalue
+    assert paired < 0.05 < unpaired
+    assert table.system("a").beats["mrr@10"] == ("b",)

@@ -189,7 +189,14 @@ class PairFormat:
 
 @dataclasses.dataclass
 class EncodedPairs:
-    """Right-padded token ids of query-document pairs and which tokens are the document's."""
+    """Right-padded token ids of query-document pairs and which tokens are the document's.
+
+    ``doc_mask`` is True on the document's own tokens only: the final end-of-sequence token, whose
+    state the head scores, stays on the query side with the other special tokens. That is the
+    paper's routing of the pooled token (monoBERT pools ``[CLS]``, segment 0, so under
+    ``Split(qlang, dlang)`` the scored state is computed by the query-language side); padding is
+    never scored.
+    """
 
     input_ids: Tensor
     attention_mask: Tensor

@@ -14,7 +14,8 @@ language        LT-SFT (weight deltas add)             bottleneck adapters (modu
 ==============  =====================================  ===========================================
 
 ``Split`` routes the document tokens (the routing mask) through ``lang_d`` and the rest of the
-sequence through ``lang_q``. When query and document share a language the compositions collapse
+sequence through ``lang_q``, including the scored end-of-sequence token (as the paper's pooled
+``[CLS]``, segment 0; see :class:`~adapterkit.apps.clir.reranker.EncodedPairs`). When query and document share a language the compositions collapse
 (``both``/``split``/``qlang`` equal ``dlang``) and :attr:`Plan.key` is the same, so a monolingual
 pair is scored once per distinct composition.
 """

@@ -5,10 +5,10 @@ composable-sft (Ansell et al.) saves an SFT with ``torch.save``: ``{"diffs": {na
 and ``index_steps``: the entries' flat positions in **column-major** order (first dimension
 fastest), sorted and delta-encoded as a list of integers. This reader
 
-* loads the file only with ``torch.load(weights_only=True)`` — the one exception to adapterkit's
-  no-pickle rule, for reading this foreign format — allowing just NumPy's integer scalars and
-  dtypes (the first index step is a NumPy integer in files written by composable-sft), never a
-  full unpickle;
+* loads the file only through a restricted unpickler (:class:`_OnlyTensorsAndNumbers`) — the one
+  exception to adapterkit's no-pickle rule, for reading this foreign format — that resolves tensors,
+  containers and NumPy integers (the first index step is a NumPy integer in files written by
+  composable-sft) and nothing that could run code; never a full unpickle;
 * decodes in int64 (composable-sft decodes in int32, which wraps around for tensors of 2**31
   entries or more) and returns row-major flat indices, adapterkit's order.
 """
@@ -19,6 +19,7 @@ import dataclasses
 import math
 import pickle
 import re
+import types
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -57,20 +58,33 @@ class ComposableSFT:
         return sum(d.indices.numel() for d in self.diffs.values())
 
 
-def _numpy_globals() -> list[Any]:
-    """NumPy's scalar constructor (under the module names NumPy 1 and 2 pickle it by) and the
-    integer dtypes: what a NumPy integer inside a torch.save file needs, nothing that runs code."""
-    core = getattr(np, "_core", None) or np.core
-    scalar = core.multiarray.scalar
-    integer_dtypes = [type(np.dtype(t)) for t in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")]
-    return [np.dtype, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), *integer_dtypes]
+class _OnlyTensorsAndNumbers(pickle.Unpickler):
+    """An unpickler that resolves only what a ``torch.save`` file of tensors, containers and integers
+    names: torch's tensor rebuilders and ``torch.Size`` (storages are resolved by torch itself),
+    ``OrderedDict``, and NumPy's integer scalars with their dtypes (the first index step of a
+    composable-sft file is a NumPy integer). Anything else — any callable that could run code — is
+    refused. It is local to each call: unlike ``torch.serialization.safe_globals`` it changes no
+    process-wide allow-list, so concurrent ``torch.load`` calls are unaffected."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED or (module in ("numpy.dtypes", "numpy") and name in _NUMPY_DTYPES):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
+
+
+_ALLOWED = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor"), ("torch", "Size"),
+            ("collections", "OrderedDict"), ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+            ("numpy", "dtype"), ("_codecs", "encode")}  # _codecs.encode: a NumPy scalar's raw bytes, as a str
+_NUMPY_DTYPES = {f"{kind}{bits}DType" for kind in ("Int", "UInt") for bits in (8, 16, 32, 64)} | {
+    "Int8DType", "Int16DType", "Int32DType", "Int64DType", "ByteDType", "ShortDType", "IntDType", "LongDType",
+    "LongLongDType", "UByteDType", "UShortDType", "UIntDType", "ULongDType", "ULongLongDType"}
+_RESTRICTED_PICKLE = types.SimpleNamespace(Unpickler=_OnlyTensorsAndNumbers, __name__="adapterkit.restricted_pickle",
+                                           load=lambda f, **kw: _OnlyTensorsAndNumbers(f, **kw).load())
 
 
 def _load(path: Path) -> Any:
     try:
-        # torch's allowlist for this call only: NumPy integer scalars and their dtypes
-        with torch.serialization.safe_globals(_numpy_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE)
     except pickle.UnpicklingError as exc:
         raise UnsafeFileError(f"{path}: holds objects other than tensors and numbers; refusing to unpickle it "
                               f"({str(exc).splitlines()[-1][:200]})") from None
