@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +21,9 @@ import adapterkit as ak
 from adapterkit.core.state import get_state
 from adapterkit.io import sparse_indices
 from test_sft_training import base_values, batches, same_values, supports
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import composable_sft  # noqa: E402  (tools/composable_sft.py: the one place a pickle is read)
 
 KINDS = ("word_embeddings", "LayerNorm", "weight", "bias")
 
@@ -186,6 +191,9 @@ def test_a_composable_sft_file_is_decoded_and_attached(tiny_bert, tmp_path):
     path.mkdir()
     torch.save({"diffs": {n: _column_major_encoding(d) for n, d in deltas.items()}, "abs": head},
                path / "pytorch_diff.bin")
+    with pytest.raises(ak.MissingFileError, match="tools/composable_sft.py"):  # the library never unpickles
+        ak.sft.read_composable_sft(path)
+    composable_sft.convert(path)
     sft = ak.sft.read_composable_sft(path)
     for n, d in deltas.items():
         dense = torch.zeros(d.numel())
@@ -223,12 +231,13 @@ def test_composable_sft_files_with_other_objects_are_refused_unexecuted(tmp_path
     monkeypatch.chdir(tmp_path)
     torch.save({"diffs": {}, "abs": {"x": torch.zeros(1)}, "evil": _Payload()}, tmp_path / "pytorch_diff.bin")
     with pytest.raises(ak.UnsafeFileError, match="refusing to unpickle"):
-        ak.sft.read_composable_sft(tmp_path)
+        composable_sft.convert(tmp_path)
     assert not (tmp_path / "composable_sft_payload_ran").exists()
     (tmp_path / "pytorch_diff.bin").write_bytes(b"not a zip")
     with pytest.raises(ak.ArtefactError):
-        ak.sft.read_composable_sft(tmp_path)
+        composable_sft.convert(tmp_path)
     torch.save({"diffs": {"w": {"size": torch.Size([2, 2]), "index_steps": [0, 0], "values": torch.ones(2)}}},
                tmp_path / "pytorch_diff.bin")
     with pytest.raises(ak.CorruptFileError, match="strictly increasing"):
-        ak.sft.read_composable_sft(tmp_path)
+        composable_sft.convert(tmp_path)
+    assert not (tmp_path / "composable_sft.safetensors").exists()  # nothing written for a bad file

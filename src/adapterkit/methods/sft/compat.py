@@ -3,12 +3,11 @@
 composable-sft (Ansell et al.) saves an SFT with ``torch.save``: ``{"diffs": {name: enc}, "abs":
 {name: tensor}}`` (older releases: ``"body"``/``"head"``), where ``enc`` holds ``size``, ``values``
 and ``index_steps``: the entries' flat positions in **column-major** order (first dimension
-fastest), sorted and delta-encoded as a list of integers. This reader
+fastest), sorted and delta-encoded as a list of integers. adapterkit never unpickles: the pickle is
+converted once by ``tools/composable_sft.py`` (a restricted unpickler that resolves tensors,
+containers and NumPy integers only) into ``composable_sft.safetensors`` + ``composable_sft.json``,
+which :func:`read_composable_sft` reads. The reader
 
-* loads the file only through a restricted unpickler (:class:`_OnlyTensorsAndNumbers`) — the one
-  exception to adapterkit's no-pickle rule, for reading this foreign format — that resolves tensors,
-  containers and NumPy integers (the first index step is a NumPy integer in files written by
-  composable-sft) and nothing that could run code; never a full unpickle;
 * decodes in int64 (composable-sft decodes in int32, which wraps around for tensors of 2**31
   entries or more) and returns row-major flat indices, adapterkit's order.
 """
@@ -17,9 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import pickle
 import re
-import types
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,10 +28,13 @@ from ...core.api import attach
 from ...core.snapshot import rollback_on_error
 from ...core.state import get_state
 from ...core.targeting import logical_modules
-from ...errors import BaseModelMismatchError, ConfigError, CorruptFileError, MissingFileError, UnsafeFileError
+from ...errors import BaseModelMismatchError, ConfigError, CorruptFileError, MissingFileError
+from ...io.safefiles import read_json, read_tensors, write_json, write_tensors
 from .config import SFTConfig
 
 FILE_NAME = "pytorch_diff.bin"
+CONVERTED = "composable_sft.safetensors"  # written by tools/composable_sft.py
+SIZES = "composable_sft.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,40 +56,6 @@ class ComposableSFT:
     @property
     def nnz(self) -> int:
         return sum(d.indices.numel() for d in self.diffs.values())
-
-
-class _OnlyTensorsAndNumbers(pickle.Unpickler):
-    """An unpickler that resolves only what a ``torch.save`` file of tensors, containers and integers
-    names: torch's tensor rebuilders and ``torch.Size`` (storages are resolved by torch itself),
-    ``OrderedDict``, and NumPy's integer scalars with their dtypes (the first index step of a
-    composable-sft file is a NumPy integer). Anything else — any callable that could run code — is
-    refused. It is local to each call: unlike ``torch.serialization.safe_globals`` it changes no
-    process-wide allow-list, so concurrent ``torch.load`` calls are unaffected."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED or (module in ("numpy.dtypes", "numpy") and name in _NUMPY_DTYPES):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
-
-
-_ALLOWED = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor"), ("torch", "Size"),
-            ("collections", "OrderedDict"), ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-            ("numpy", "dtype"), ("_codecs", "encode")}  # _codecs.encode: a NumPy scalar's raw bytes, as a str
-_NUMPY_DTYPES = {f"{kind}{bits}DType" for kind in ("Int", "UInt") for bits in (8, 16, 32, 64)} | {
-    "Int8DType", "Int16DType", "Int32DType", "Int64DType", "ByteDType", "ShortDType", "IntDType", "LongDType",
-    "LongLongDType", "UByteDType", "UShortDType", "UIntDType", "ULongDType", "ULongLongDType"}
-_RESTRICTED_PICKLE = types.SimpleNamespace(Unpickler=_OnlyTensorsAndNumbers, __name__="adapterkit.restricted_pickle",
-                                           load=lambda f, **kw: _OnlyTensorsAndNumbers(f, **kw).load())
-
-
-def _load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE)
-    except pickle.UnpicklingError as exc:
-        raise UnsafeFileError(f"{path}: holds objects other than tensors and numbers; refusing to unpickle it "
-                              f"({str(exc).splitlines()[-1][:200]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
-        raise CorruptFileError(f"{path}: not a readable torch.save file ({type(exc).__name__}: {exc})") from None
 
 
 def _steps(raw: Any, where: str) -> np.ndarray:
@@ -133,28 +99,63 @@ def decode(encoding: Any, where: str) -> SparseDiff:
     return SparseDiff(shape, torch.from_numpy(row_major[order]), values.detach()[torch.from_numpy(order)].clone())
 
 
-def read_composable_sft(path: str | Path) -> ComposableSFT:
-    """A composable-sft SFT (``pytorch_diff.bin``, or the directory holding it), decoded."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / FILE_NAME
-    if not path.is_file():
-        raise MissingFileError(f"composable-sft file not found: {path}")
-    data = _load(path)
+def from_contents(data: Any, where: str) -> ComposableSFT:
+    """A composable-sft file's contents (``{"diffs": {name: enc}, "abs": {name: tensor}}``), decoded."""
     if not isinstance(data, Mapping):
-        raise CorruptFileError(f"{path}: expected a dict of diffs and abs tensors, got {type(data).__name__}")
+        raise CorruptFileError(f"{where}: expected a dict of diffs and abs tensors, got {type(data).__name__}")
     diffs, dense = data.get("diffs", data.get("body", {})), data.get("abs", data.get("head", {})) or {}
     if not isinstance(diffs, Mapping) or not isinstance(dense, Mapping) or not (diffs or dense):
-        raise CorruptFileError(f"{path}: expected 'diffs' and/or 'abs' dicts, found keys {sorted(map(str, data))[:5]}")
+        raise CorruptFileError(f"{where}: expected 'diffs' and/or 'abs' dicts, found keys {sorted(map(str, data))[:5]}")
     for name, value in dense.items():
         if not isinstance(name, str) or not isinstance(value, Tensor):
-            raise CorruptFileError(f"{path}: abs entry {name!r} is not a named tensor")
+            raise CorruptFileError(f"{where}: abs entry {name!r} is not a named tensor")
     decoded = {}
     for name, encoding in diffs.items():
         if not isinstance(name, str):
-            raise CorruptFileError(f"{path}: diff names must be strings, got {name!r}")
-        decoded[name] = decode(encoding, f"{path} [{name}]")
+            raise CorruptFileError(f"{where}: diff names must be strings, got {name!r}")
+        decoded[name] = decode(encoding, f"{where} [{name}]")
     return ComposableSFT(decoded, {name: value.detach().clone() for name, value in dense.items()})
+
+
+def write_converted(data: Any, directory: Path, where: str) -> Path:
+    """Check and decode a composable-sft file's contents, then write them as :data:`CONVERTED` +
+    :data:`SIZES` in ``directory`` (the encoding kept: column-major index steps)."""
+    from_contents(data, where)  # refuse anything malformed before writing
+    diffs, dense = data.get("diffs", data.get("body", {})), data.get("abs", data.get("head", {})) or {}
+    tensors = {f"abs.{k}": v.detach().contiguous() for k, v in dense.items()}
+    sizes = {}
+    for name, enc in diffs.items():
+        tensors[f"diffs.{name}.values"] = enc["values"].detach().contiguous()
+        tensors[f"diffs.{name}.index_steps"] = torch.from_numpy(_steps(enc["index_steps"], where))
+        sizes[name] = [int(d) for d in enc["size"]]
+    directory = Path(directory)
+    write_tensors(directory / CONVERTED, tensors, {"format": "composable-sft", "source": Path(where).name})
+    write_json(directory / SIZES, {"sizes": sizes})
+    return directory
+
+
+def read_composable_sft(path: str | Path) -> ComposableSFT:
+    """A composable-sft SFT converted by ``tools/composable_sft.py`` (the directory holding
+    :data:`CONVERTED` and :data:`SIZES`), decoded. The original pickle is never read here."""
+    directory = Path(path)
+    if directory.is_file():
+        directory = directory.parent
+    if not (directory / CONVERTED).is_file():
+        hint = (f"; convert the pickle once with: python tools/composable_sft.py {directory}"
+                if (directory / FILE_NAME).is_file() else "")
+        raise MissingFileError(f"no converted composable-sft file ({CONVERTED}) in {directory}{hint}")
+    tensors = read_tensors(directory / CONVERTED)
+    sizes = read_json(directory / SIZES).get("sizes")
+    if not isinstance(sizes, dict):
+        raise CorruptFileError(f"{directory / SIZES}: expected {{'sizes': {{name: [dims]}}}}")
+    diffs = {}
+    for name, size in sizes.items():
+        if f"diffs.{name}.values" not in tensors or f"diffs.{name}.index_steps" not in tensors:
+            raise CorruptFileError(f"{directory / CONVERTED}: tensors of diff {name!r} missing")
+        diffs[name] = {"size": size, "values": tensors[f"diffs.{name}.values"],
+                       "index_steps": tensors[f"diffs.{name}.index_steps"]}
+    dense = {k[len("abs."):]: v for k, v in tensors.items() if k.startswith("abs.")}
+    return from_contents({"diffs": diffs, "abs": dense}, str(directory / CONVERTED))
 
 
 def attach_composable_sft(model: nn.Module, source: str | Path | ComposableSFT, name: str = "default",
