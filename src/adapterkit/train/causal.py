@@ -195,11 +195,45 @@ def completion_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 def train_completions(model: nn.Module, tokenizer: Any, examples: Sequence[Completion | tuple[str, str]], *,
                       epochs: int = 2, lr: float | None = None, batch_size: int = 8, max_length: int = 256,
-                      seed: int = 0, progress: bool = True,
+                      seed: int = 0, progress: bool = True, close: bool = True,
                       loss_fn: Callable[[nn.Module, dict[str, Tensor]], Tensor] = completion_loss) -> list[float]:
-    """Train the model's active adapters on prompt/completion pairs (loss on completion tokens only)."""
-    batches = CompletionBatches(tokenizer, examples, batch_size, max_length, shuffle=True, seed=seed)
+    """Train the model's active adapters on prompt/completion pairs (loss on completion tokens only;
+    ``close=False`` leaves out the end-of-turn marker, e.g. for a one-word verdict)."""
+    batches = CompletionBatches(tokenizer, examples, batch_size, max_length, shuffle=True, seed=seed, close=close)
     return train(model, batches, epochs=epochs, lr=lr, progress=progress, loss_fn=loss_fn)
+
+
+@torch.no_grad()
+def answer_log_probs(model: nn.Module, tokenizer: Any, prompts: Sequence[str], answers: Sequence[str], *,
+                     batch_size: int = 32, max_length: int = 256) -> Tensor:
+    """``[len(prompts), len(answers)]``: the log-probability of each answer (the sum over its
+    tokens, no end marker) after each prompt. One forward per batch when every answer is one token."""
+    if not answers or not prompts:
+        raise ConfigError("answer_log_probs needs at least one prompt and one answer")
+    fmt = PromptFormat(tokenizer)
+    single = [fmt.completion_ids(a, close=False) for a in answers]
+    one_token = all(len(ids) == 1 for ids in single)
+    runs = [answers[0]] if one_token else list(answers)
+    columns = []
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        for answer in runs:
+            batches = CompletionBatches(tokenizer, [(p, answer) for p in prompts], batch_size, max_length, close=False)
+            scores = []
+            for batch in batches:
+                logits, targets = completion_logits(model, batch)
+                logp = logits.float().log_softmax(-1)
+                if one_token:
+                    scores.append(logp[:, 0, [ids[0] for ids in single]])
+                else:
+                    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                    scores.append((picked * (targets != IGNORE)).sum(-1, keepdim=True))
+            columns.append(torch.cat(scores))
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    return torch.cat(columns, dim=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,7 +305,8 @@ def normalise_answer(text: str) -> str:
     """An answer as exact match compares it: the first non-empty line, without surrounding quotes,
     a trailing period or repeated spaces, lower-cased."""
     line = next((ln for ln in text.splitlines() if ln.strip()), "")
-    line = " ".join(line.split()).strip("\"'`").rstrip(".").strip()
+    # a period may sit inside or outside the quotes: '"yes".' and '"yes."' both read "yes"
+    line = " ".join(line.split()).rstrip(".").strip("\"'`").rstrip(".").strip()
     return line.lower()
 
 
