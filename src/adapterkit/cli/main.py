@@ -41,7 +41,12 @@ def _quiet_transformers() -> None:
         pass
 
 
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
+def _add_model_args(parser: argparse.ArgumentParser, task: str = "classification", command: str = "") -> None:
+    from . import causal
+
+    if task == causal.CAUSAL_LM:
+        causal.add_lm_options(parser, command)
+        return
     parser.add_argument("--model", default=None, help="local encoder directory (default: the bundled all-MiniLM-L6-v2)")
     parser.add_argument("--data", default="vader:movies",
                         help="vader:movies, vader:tweets, vader:amazon, vader:nyt, or a .csv (with a header) / .jsonl file")
@@ -55,8 +60,12 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_train_args(parser: argparse.ArgumentParser, method: str, selected: Mapping[str, str]) -> None:
     """The command's own options, then the chosen method's config fields (see :mod:`.options`)."""
+    from . import causal
+
     methods = [m.name for m in registered_methods()]
-    _add_model_args(parser)
+    task = selected.get("task", causal.CLASSIFICATION)
+    _add_model_args(parser, task, "train")
+    causal.add_task_option(parser)
     parser.add_argument("--out", required=True, help="adapter directory to write")
     parser.add_argument("--name", default="default", help="adapter name")
     parser.add_argument("--method", choices=methods, default=DEFAULT_METHOD,
@@ -74,15 +83,19 @@ def _add_train_args(parser: argparse.ArgumentParser, method: str, selected: Mapp
     parser.add_argument("--targets", dest=DEST + "target_modules", type=parse_targets, default=argparse.SUPPRESS,
                         help="alias of --target-modules")
     add_config_options(parser, get_method(method).config_class, selected, taken)
+    if task == causal.CAUSAL_LM:
+        causal.set_lm_train_defaults(parser)
 
 
 def build_parser(selected: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The full parser; ``selected`` chooses the method (``{"method": "shira"}``) and nested config
     classes (``{"base": "lora"}``) whose options ``train`` offers."""
-    from . import clir, commands, demo, info, train
+    from . import causal, clir, commands, demo, info, train
 
     selected = dict(selected or {})
     method = selected.get("method", DEFAULT_METHOD)
+    lm = selected.get("task") == causal.CAUSAL_LM
+    task = causal.CAUSAL_LM if lm else causal.CLASSIFICATION
     method = method if method in {m.name for m in registered_methods()} else DEFAULT_METHOD
     parser = Parser(prog="adapterkit", description=__doc__.splitlines()[0], formatter_class=Formatter)
     parser.add_argument("--debug", action="store_true", help="re-raise errors with their traceback")
@@ -101,14 +114,17 @@ def build_parser(selected: Mapping[str, str] | None = None) -> argparse.Argument
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
     p.add_argument("--out", default="demo-output", help="where the adapter is saved")
 
-    p = command("train", train.train, help="train an adapter of any registered method and save it",
-                description=f"Train an adapter. The method options shown are those of --method {method}; "
-                            "see 'adapterkit train --method NAME --help' for another method's.")
-    _add_train_args(p, method, selected)
+    p = command("train", causal.train if lm else train.train, help="train an adapter of any registered method and save it",
+                description=f"Train an adapter. The options shown are those of --task {task} and --method {method}; "
+                            "see 'adapterkit train --task TASK --method NAME --help' for others.")
+    _add_train_args(p, method, {**selected, "task": task})
 
-    p = command("eval", commands.evaluate, help="held-out accuracy of an adapter (or of a fused model directory)")
-    _add_model_args(p)
-    p.add_argument("adapter", nargs="?", default=None, help="adapter directory (adapterkit or PEFT)")
+    p = command("eval", causal.evaluate if lm else commands.evaluate,
+                help="held-out accuracy of an adapter (or of a fused model directory); exact match with --task causal-lm")
+    _add_model_args(p, task, "eval")
+    causal.add_task_option(p)
+    p.add_argument("adapter", nargs="?", default=None,
+                   help="adapter directory (adapterkit or PEFT)" + ("; none: the base model" if lm else ""))
     p.add_argument("--ignore-fingerprint", action="store_true", help="load even if the base weights differ")
 
     p = command("rank-sweep", commands.rank_sweep,
@@ -148,6 +164,7 @@ def _selection(argv: Sequence[str]) -> dict[str, str]:
     """The method and nested config classes named on the command line (defaults where not)."""
     pre = Parser(add_help=False, allow_abbrev=False)
     pre.add_argument("--method", default=DEFAULT_METHOD)
+    pre.add_argument("--task", default=None)
     for flag, key, default in dict.fromkeys(nested_selectors()):
         pre.add_argument(flag, dest=key, default=default)
     try:
