@@ -159,5 +159,6 @@ def test_data_forms_task_directory_zoo_task_and_plain_files(tmp_path):
     assert len(framed.train) == 4 and framed.train[0].prompt == f"Say.\n\n{rows[0]['input']}" and len(framed.test) == 3
     pairs = causal.lm_data(_jsonl(tmp_path / "p.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(5)]))
     assert [(p.prompt, p.completion) for p in pairs.test] == [("q4", "a4")]
+    assert len(causal.lm_data(str(tmp_path / "p.jsonl"), test_size=5, training=False).test) == 5  # eval: all of it
     with pytest.raises(ak.ConfigError, match="own instruction"):
         causal.lm_data(str(tmp_path / "task"), "Say.")

@@ -120,8 +120,9 @@ def _task_pairs(task: LMTask, split: str) -> tuple[Completion, ...]:
 
 
 def lm_data(spec: str, instruction: str | None = None, test_size: int | None = None,
-            train_size: int | None = None) -> LMData:
-    """The pairs of ``--data`` (see the module docstring), checked completely; no model is needed."""
+            train_size: int | None = None, training: bool = True) -> LMData:
+    """The pairs of ``--data`` (see the module docstring), checked completely; no model is needed.
+    ``training=False`` (eval) lets a file's held-out split be the whole file."""
     for label, value, least in (("--test-size", test_size, 0), ("--train-size", train_size, 1)):
         if value is not None and value < least:
             raise ConfigError(f"{label} must be at least {least}, got {value}")
@@ -141,8 +142,9 @@ def lm_data(spec: str, instruction: str | None = None, test_size: int | None = N
             raise MissingFileError(f"no such file: {path}")
         pairs = _read_pairs(path, instruction)
         size = test_size if test_size is not None else len(pairs) // 5
-        if size >= len(pairs):
+        if training and size >= len(pairs):
             raise ConfigError(f"{path}: {len(pairs)} examples leave none for training with --test-size {size}")
+        size = min(size, len(pairs))
         train, test = tuple(pairs[:len(pairs) - size]), tuple(pairs[len(pairs) - size:])
     else:
         raise DataNotFoundError(f"{spec!r} is neither a .jsonl file, a task directory nor a zoo task "
@@ -190,7 +192,7 @@ def train(args: argparse.Namespace) -> int:
 
 def evaluate(args: argparse.Namespace) -> int:
     """Exact match of the base LM, or of the LM with the adapter directory, on the held-out split."""
-    data = lm_data(args.data, args.instruction, args.test_size)
+    data = lm_data(args.data, args.instruction, args.test_size, training=False)
     if not data.test:
         raise ConfigError(f"{args.data}: no held-out examples to score (--test-size 0)")
     if args.predictions is not None and not Path(args.predictions).resolve().parent.is_dir():
