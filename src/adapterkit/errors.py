@@ -84,3 +84,8 @@ class FingerprintMismatchError(BaseModelMismatchError):
 
 class DataNotFoundError(AdapterError, FileNotFoundError):
     """A dataset is not available locally; the message names the command that fetches it."""
+
+
+class BudgetExceededError(AdapterError, RuntimeError):
+    """A bounded loop (e.g. rejection sampling) used its whole budget without reaching its goal."""
+
