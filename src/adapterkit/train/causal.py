@@ -306,7 +306,7 @@ def normalise_answer(text: str) -> str:
     a trailing period or repeated spaces, lower-cased."""
     line = next((ln for ln in text.splitlines() if ln.strip()), "")
     # a period may sit inside or outside the quotes: '"yes".' and '"yes."' both read "yes"
-    line = " ".join(line.split()).rstrip(".").strip("\"'`").rstrip(".").strip()
+    line = " ".join(line.split()).rstrip(".").strip("\"'`\u201c\u201d\u2018\u2019").rstrip(".").strip()
     return line.lower()
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import ConfigError, CorruptFileError, MissingFileError
+from ..train.causal import normalise_answer  # noqa: F401  (re-exported: the one exact-match rule)
 from .data import VADER_SUBSETS, VADER_VERSION, _read_vader
 
 NUM_SEEDS = 5
@@ -56,20 +57,6 @@ class LMTask:
         if not isinstance(text, str):
             raise ConfigError(f"prompt() takes an LMExample or a str, got {type(example_or_input).__name__}")
         return f"{self.instruction}\n\n{text}"
-
-
-_QUOTES = {'"': '"', "'": "'", "`": "`", "\u201c": "\u201d", "\u2018": "\u2019"}
-
-
-def normalise_answer(text: str) -> str:
-    """An answer reduced for exact match: the first non-empty line, stripped, without surrounding quotes
-    or one trailing period, internal whitespace collapsed to single spaces, lowercased."""
-    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-    line = line[:-1].strip() if line.endswith(".") else line
-    if len(line) >= 2 and _QUOTES.get(line[0]) == line[-1]:
-        line = line[1:-1].strip()
-    line = line[:-1].strip() if line.endswith(".") else line  # '"positive."' has it inside the quotes
-    return " ".join(line.split()).lower()
 
 
 # -- VADER sentiment ---------------------------------------------------------------------------
