@@ -72,6 +72,8 @@ class Bench:
             start = time.perf_counter()
             result = compute()
             result["seconds"] = round(time.perf_counter() - start, 1)
+            record = provenance()
+            result["provenance"] = {k: record[k] for k in ("commit", "src_tree", "src_dirty")}
             self.cells[key] = result
             WORK.mkdir(parents=True, exist_ok=True)
             tmp = self.cells_path.with_suffix(".partial")
@@ -180,7 +182,8 @@ class Bench:
         longest = max(len(tok(s.input)["input_ids"]) for s in task.seeds)
         sampling = Sampling(max_new_tokens=min(200, 5 * (longest + 4)), do_sample=True, temperature=1.0, top_k=50)
         answer_tokens = max(len(tok(e.target)["input_ids"]) for e in task.train) + 4
-        settings = T.PrepareSettings(seed=seed, candidate_sampling=sampling, answer_tokens=answer_tokens)
+        settings = T.PrepareSettings(seed=seed, candidate_sampling=sampling, answer_tokens=answer_tokens,
+                                     epochs=self.args.disc_epochs)
         bundle = T.prepare(model, tok, source_dir, task, bundle_dir, STUDENTS["lora"](), source_model="smollm2",
                            settings=settings)
         return {"discriminator_holdout_accuracy": bundle.discriminator_accuracy,
@@ -253,6 +256,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--cells", default=",".join(MAIN + ABLATIONS), help="cells in the order to run them")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--disc-epochs", type=int, default=1)
     parser.add_argument("--eval-batch", type=int, default=32)
     parser.add_argument("--gen-batch", type=int, default=16)
     parser.add_argument("--speed", action="store_true", help="measure generation speed (a cell of its own)")

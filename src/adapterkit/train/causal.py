@@ -245,8 +245,12 @@ class Sampling:
     temperature: float = 1.0
     top_k: int = 50
     top_p: float = 1.0
+    stop: tuple[str, ...] = ()  # texts that end a row's decoding early (kept in the answer)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ConfigError(f"stop must be non-empty strings, got {self.stop!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if not (self.temperature > 0 and 0 < self.top_p <= 1 and self.top_k >= 0):
@@ -273,7 +277,8 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], sampling:
                               temperature=sampling.temperature if sampling.do_sample else None,
                               top_k=sampling.top_k if sampling.do_sample else None,
                               top_p=sampling.top_p if sampling.do_sample else None,
-                              eos_token_id=list(fmt.stop_ids), pad_token_id=fmt.pad_id)
+                              eos_token_id=list(fmt.stop_ids), pad_token_id=fmt.pad_id,
+                              stop_strings=list(sampling.stop) or None)
     answers: list[str] = [""] * len(encoded)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -290,7 +295,8 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], sampling:
                 for r, j in enumerate(rows):
                     ids[r, width - len(encoded[j]):] = torch.tensor(encoded[j])
                     mask[r, width - len(encoded[j]):] = 1
-                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                     **({"tokenizer": tokenizer} if sampling.stop else {}))
                 for r, j in enumerate(rows):
                     answers[j] = tokenizer.decode(out[r, width:], skip_special_tokens=True)
                 bar.update(len(rows))

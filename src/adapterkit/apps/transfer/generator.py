@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from typing import Any, Callable, Protocol, Sequence
 
@@ -54,7 +55,9 @@ class LMGenerator:
 
     def propose(self, calls: int, seed: int) -> list[str]:
         prompts = [self.prompt.build(order) for order in _orders(self.prompt, calls, seed, self.shuffle_seeds)]
-        outputs = generate(self.model, self.tokenizer, prompts, self.sampling, batch_size=self.batch_size,
+        # a row is done after the last item or a blank line; decoding on would only produce commentary
+        sampling = dataclasses.replace(self.sampling, stop=self.sampling.stop or (f"\n{self.prompt.n_total + 1}.", "\n\n"))
+        outputs = generate(self.model, self.tokenizer, prompts, sampling, batch_size=self.batch_size,
                            template=False, seed=seed, progress=self.progress, desc="candidates")
         return [item for text in outputs for item in self.prompt.parse(text)]
 
