@@ -253,7 +253,10 @@ class Sampling:
             raise ConfigError(f"stop must be non-empty strings, got {self.stop!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not (self.temperature > 0 and 0 < self.top_p <= 1 and self.top_k >= 0):
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                      for v in (self.temperature, self.top_p, self.top_k))
+        if not (isinstance(self.do_sample, bool) and numbers and self.temperature > 0 and 0 < self.top_p <= 1
+                and self.top_k >= 0):
             raise ConfigError(f"invalid sampling settings {self}")
 
 

@@ -137,6 +137,8 @@ def load_bundle(directory: str | Path) -> TransferBundle:
         answer_tokens=_field(data, "answer_tokens", int, where), source_model=_field(data, "source_model", str, where),
         source_identity=_field(data, "source_identity", dict, where),
         discriminator_accuracy=float(accuracy) if isinstance(accuracy, (int, float)) else None, directory=directory)
+    if bundle.answer_tokens < 1:
+        raise CorruptFileError(f"{where}: answer_tokens must be a positive integer, got {bundle.answer_tokens}")
     for path in (bundle.discriminator_dir, bundle.source_adapter_dir):
         if not path.is_dir():
             raise MissingFileError(f"the bundle in {directory} lacks {path.name}/")

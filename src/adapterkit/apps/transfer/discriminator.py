@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ...core import api
 from ...core.config import AdapterConfig
+from ...core.snapshot import rollback_on_error
 from ...errors import ConfigError
 from ...train.causal import Completion, answer_log_probs, train_completions
 
@@ -27,6 +28,8 @@ class Verdict:
     no: str = "no"
 
     def __post_init__(self) -> None:
+        if not all(isinstance(getattr(self, f.name), str) for f in dataclasses.fields(self)):
+            raise ConfigError("the verdict template's fields must be strings")
         if not self.descriptor.strip() or self.yes == self.no or not self.yes or not self.no:
             raise ConfigError("the verdict template needs a descriptor and two different non-empty answers")
 
@@ -78,16 +81,15 @@ def train_discriminator(model: nn.Module, tokenizer: Any, real: Sequence[str], s
     examples = [Completion(verdict.render(t), verdict.yes) for t in real]
     examples += [Completion(verdict.render(t), verdict.no) for t in synthetic]
     active = api.active_adapters(model)
-    api.attach(model, config, name)
-    try:
-        api.activate(model, name)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            train_completions(model, tokenizer, examples, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                              progress=progress, close=False)
-    except BaseException:
-        api.detach(model, name)
-        raise
-    finally:
-        api.activate(model, [n for n, _ in active] or None, [w for _, w in active] or None)
+    # a failure removes the adapter and restores the rest (detach alone would leave the base frozen)
+    with rollback_on_error(model, values=False):
+        api.attach(model, config, name)
+        try:
+            api.activate(model, name)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                train_completions(model, tokenizer, examples, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                                  progress=progress, close=False)
+        finally:
+            api.activate(model, [n for n, _ in active] or None, [w for _, w in active] or None)
     return Discriminator(model, tokenizer, name, verdict)

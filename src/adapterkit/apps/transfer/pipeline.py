@@ -22,6 +22,7 @@ from torch import nn
 
 from ...core import api
 from ...core.config import AdapterConfig
+from ...core.snapshot import rollback_on_error
 from ...errors import ConfigError
 from ...io import artefact
 from ...io.safefiles import read_json, write_json
@@ -97,12 +98,9 @@ def load_source(bundle: TransferBundle, model: nn.Module, tokenizer: Any,
     """Attach the bundle's discriminator and the teacher adapter (the bundle's source adapter, or
     ``teacher_adapter`` for a continued transfer) to the source base model."""
     check_identity(model, bundle.source_identity, f"the bundle {bundle.directory}")
-    artefact.load(model, bundle.discriminator_dir, DISCRIMINATOR)
-    try:
+    with rollback_on_error(model, values=False):  # a bad teacher takes the discriminator off again, flags included
+        artefact.load(model, bundle.discriminator_dir, DISCRIMINATOR)
         teacher = artefact.load(model, teacher_adapter or bundle.source_adapter_dir, SOURCE)
-    except BaseException:
-        api.detach(model, DISCRIMINATOR)
-        raise
     return Teacher(model, tokenizer, teacher), Discriminator(model, tokenizer, DISCRIMINATOR, bundle.verdict)
 
 

@@ -37,6 +37,8 @@ class SeedPrompt:
             raise ConfigError("the seed prompt needs at least one non-empty seed text")
         if any("\n" in s for s in seeds):
             raise ConfigError("seed texts must be single lines (items of a numbered list)")
+        if not isinstance(self.header, str):
+            raise ConfigError(f"the seed prompt header must be a string, got {self.header!r}")
         if not isinstance(self.n_total, int) or self.n_total <= len(seeds):
             raise ConfigError(f"n_total must exceed the {len(seeds)} seeds, got {self.n_total!r}")
 
