@@ -9,6 +9,7 @@ from typing import Any, Callable, Protocol, Sequence
 from torch import nn
 
 from ...train.causal import Sampling, generate
+from .distill import activated
 from .prompts import SeedPrompt
 
 #: sampling for candidates: room for about five one-line items, nucleus off (a full sort of a
@@ -45,20 +46,22 @@ class FunctionGenerator:
 
 class LMGenerator:
     """A causal LM continuing the seed prompt as plain text (no chat template), ``batch_size``
-    prompts per batched ``generate`` call with the KV cache."""
+    prompts per batched ``generate`` call with the KV cache. It generates with ``adapter`` active
+    (default ``None``: the base model, whatever else is attached to it)."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, prompt: SeedPrompt,
                  sampling: Sampling = CANDIDATE_SAMPLING, batch_size: int = 16, shuffle_seeds: bool = True,
-                 progress: bool = False) -> None:
-        self.model, self.tokenizer, self.prompt = model, tokenizer, prompt
+                 progress: bool = False, adapter: str | None = None) -> None:
+        self.model, self.tokenizer, self.prompt, self.adapter = model, tokenizer, prompt, adapter
         self.sampling, self.batch_size, self.shuffle_seeds, self.progress = sampling, batch_size, shuffle_seeds, progress
 
     def propose(self, calls: int, seed: int) -> list[str]:
         prompts = [self.prompt.build(order) for order in _orders(self.prompt, calls, seed, self.shuffle_seeds)]
         # a row is done after the last item or a blank line; decoding on would only produce commentary
         sampling = dataclasses.replace(self.sampling, stop=self.sampling.stop or (f"\n{self.prompt.n_total + 1}.", "\n\n"))
-        outputs = generate(self.model, self.tokenizer, prompts, sampling, batch_size=self.batch_size,
-                           template=False, seed=seed, progress=self.progress, desc="candidates")
+        with activated(self.model, self.adapter):
+            outputs = generate(self.model, self.tokenizer, prompts, sampling, batch_size=self.batch_size,
+                               template=False, seed=seed, progress=self.progress, desc="candidates")
         return [item for text in outputs for item in self.prompt.parse(text)]
 
 
