@@ -1,4 +1,4 @@
-"""``adapterkit`` command line: demo, train, eval, rank-sweep, info, fuse, export, fetch-data, clir.
+"""``adapterkit`` command line: demo, train, eval, rank-sweep, info, fuse, export, fetch-data, clir, transfer.
 
 Errors are printed as one line (no traceback) with exit status 2; ``--debug`` re-raises them.
 """
@@ -90,7 +90,7 @@ def _add_train_args(parser: argparse.ArgumentParser, method: str, selected: Mapp
 def build_parser(selected: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The full parser; ``selected`` chooses the method (``{"method": "shira"}``) and nested config
     classes (``{"base": "lora"}``) whose options ``train`` offers."""
-    from . import causal, clir, commands, demo, info, train
+    from . import causal, clir, commands, demo, info, train, transfer
 
     selected = dict(selected or {})
     method = selected.get("method", DEFAULT_METHOD)
@@ -157,6 +157,7 @@ def build_parser(selected: Mapping[str, str] | None = None) -> argparse.Argument
                 "from PyPI, or (clir) the Debian man pages and fortunes of the CLIR collections")
     p.add_argument("dataset", nargs="?", choices=("vader", "clir"), default="vader", help="which data")
     clir.register(sub, command)
+    transfer.register(sub, command, method, selected)
     return parser
 
 

@@ -25,12 +25,13 @@ from ...core.config import AdapterConfig
 from ...core.snapshot import rollback_on_error
 from ...errors import ConfigError
 from ...io import artefact
+from ...io.fingerprint import tensor_sample_digest
 from ...io.safefiles import read_json, write_json
 from ...train.causal import CompletionBatches, Sampling, completion_loss
 from ...zoo.lm_tasks import LMTask
 from .bundle import TransferBundle, check_identity, model_identity, save_bundle
 from .discriminator import Discriminator, Verdict, train_discriminator
-from .distill import MODES, Teacher, activated, distill
+from .distill import MODES, Teacher, activated, check_same_vocabulary, distill
 from .generator import CANDIDATE_SAMPLING, Generator, LMGenerator, candidates
 from .prompts import SeedPrompt
 from .sampler import RejectionSampler, SampleResult
@@ -38,6 +39,7 @@ from .sampler import RejectionSampler, SampleResult
 DISCRIMINATOR = "discriminator"
 SOURCE = "source"
 STAGE_DIR = "transfer"
+STAGES = ("sample", "label", "train")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +140,11 @@ class TransferOutcome:
     adapter_dir: Path
 
 
+def _adapter_digest(model: nn.Module, adapter: str | None) -> list[str]:
+    """Sample hashes of an adapter's tensors (``None``: the base model, nothing to hash)."""
+    return [] if adapter is None else [tensor_sample_digest(p) for p in api.adapter_parameters(model, adapter)]
+
+
 class Transfer:
     """Runs the stages into ``out`` (the adapter directory; stage files in ``out/transfer/``)."""
 
@@ -155,7 +162,9 @@ class Transfer:
             raise ConfigError("a filtered transfer needs the discriminator")
         if self.settings.name in api.adapters(target):
             raise ConfigError(f"the target model already has an adapter named {self.settings.name!r}")
-        self._claim(teacher, target, student)
+        if self.settings.mode == "logits":  # fail before the sampling and labelling, not after them
+            check_same_vocabulary(teacher, target, target_tokenizer)
+        self._claim(teacher, discriminator, target, student)
         generator = generator or LMGenerator(target, target_tokenizer, self.bundle.seed_prompt,
                                              self.bundle.candidate_sampling, self.settings.generator_batch)
         seconds: dict[str, float] = {}
@@ -178,19 +187,29 @@ class Transfer:
         labelled = stage("label", lambda: {"answers": teacher.answers(
             prompts, Sampling(max_new_tokens=self.bundle.answer_tokens), progress=self.progress)})
         trained = stage("train", lambda: self._train(teacher, target, target_tokenizer, student, prompts, labelled["answers"]))
-        for name in ("sample", "label", "train"):
+        for name in STAGES:
             seconds.setdefault(name, 0.0)
         return TransferOutcome(sample, tuple(labelled["answers"]), tuple(trained["losses"]), seconds, self.out)
 
-    def _claim(self, teacher: Teacher, target: nn.Module, student: AdapterConfig) -> None:
-        """Record what this run computes; a rerun must match it to reuse the finished stages."""
+    def _claim(self, teacher: Teacher, discriminator: Discriminator | None, target: nn.Module,
+               student: AdapterConfig) -> None:
+        """Record what this run computes; a rerun must match it to reuse the finished stages. The
+        teacher's and discriminator's weights count, not only their names (a continued transfer
+        swaps the teacher adapter under the same name)."""
+        judge = discriminator if self.settings.filtered else None
         key = {"bundle": self.bundle.to_json(), "settings": dataclasses.asdict(self.settings),
                "student": {"method": type(student).__name__, "config": repr(student)},
-               "teacher": {"adapter": teacher.adapter, "identity": model_identity(teacher.model)},
+               "teacher": {"adapter": teacher.adapter, "identity": model_identity(teacher.model),
+                           "weights": _adapter_digest(teacher.model, teacher.adapter)},
+               "discriminator": judge and _adapter_digest(judge.model, judge.adapter),
                "target": model_identity(target)}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
         claim = self.stages / "run.json"
-        if claim.is_file() and read_json(claim).get("sha256") != digest:
+        recorded = read_json(claim).get("sha256") if claim.is_file() else None
+        if recorded == digest:
+            return  # left as it is: a resumed run rewrites nothing
+        # a claim binds only once a stage has finished: a run that failed before (budget, bad option) may be redone
+        if recorded is not None and any((self.stages / f"{name}.json").is_file() for name in STAGES):
             raise ConfigError(f"{self.out} holds a transfer with other inputs or settings; use another output directory")
         write_json(claim, {"sha256": digest})
 
