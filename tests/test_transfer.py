@@ -1,13 +1,10 @@
 """apps/transfer pieces on tiny models: the seed prompt and its parser, the rejection sampler, the
-discriminator's decision rule and training, answer_log_probs, MMD, and the transferable bundle.
-(Distillation and the resumable Transfer stages: tests/test_transfer_distill.py.)"""
+discriminator's decision rule and training, answer_log_probs, and MMD. (Distillation:
+tests/test_transfer_distill.py; the bundle and the resumable stages: tests/test_transfer_bundle.py.)"""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import random
-import shutil
 
 import pytest
 import torch
@@ -16,11 +13,9 @@ from hypothesis import given, settings, strategies as st
 import adapterkit as ak
 from adapterkit.apps import transfer as tr
 from adapterkit.apps.transfer import discriminator as disc_module
-from adapterkit.errors import (AdapterError, BaseModelMismatchError, BudgetExceededError, ConfigError,
-                               CorruptFileError, MissingFileError)
 from adapterkit.apps.transfer.mmd import median_distance
-from adapterkit.train.causal import PromptFormat, Sampling, answer_log_probs
-from adapterkit.zoo.lm_tasks import LMExample
+from adapterkit.errors import AdapterError, BudgetExceededError, ConfigError
+from adapterkit.train.causal import PromptFormat, answer_log_probs
 from conftest import assert_unchanged, randomise, snapshot
 from lm_support import tiny_base_lm, tiny_chat_lm
 
@@ -345,110 +340,3 @@ def test_mmd_small_for_one_distribution_and_grows_with_a_shift():
 def test_mmd_refuses_bad_shapes(x, y):
     with pytest.raises(ConfigError):
         tr.mmd(x, y)
-
-
-# --- the transferable bundle -------------------------------------------------------------------
-
-@pytest.fixture
-def bundle(tmp_path):
-    """A saved bundle for a tiny chat LM: the discriminator and a source adapter, both LoRA."""
-    model, tokenizer = tiny_chat_lm()
-    for name, seed in (("discriminator", 1), ("source", 2)):
-        ak.attach(model, LORA, name)
-        randomise(model, name, seed=seed)
-        ak.save(model, tmp_path / "adapters" / name, name)
-    seeds = tuple(LMExample(s, s.upper()) for s in SEEDS)
-    made = tr.TransferBundle("toy", "Upper-case the letter.", seeds, tr.Verdict("toy", "Upper-case the letter."),
-                             tr.SeedPrompt(SEEDS, n_total=8, header="Examples ({n}):"),
-                             Sampling(max_new_tokens=12, do_sample=True, top_k=5), 6, "tiny-chat",
-                             tr.model_identity(model), 0.75)
-    saved = tr.save_bundle(made, tmp_path / "bundle", tmp_path / "adapters" / "discriminator",
-                           tmp_path / "adapters" / "source")
-    return saved, tmp_path / "bundle"
-
-
-def test_bundle_round_trip(bundle):
-    saved, directory = bundle
-    loaded = tr.load_bundle(directory)
-    assert loaded == saved and loaded.directory == directory
-    assert loaded.seed_prompt.build() == saved.seed_prompt.build()
-    assert loaded.prompt("q") == "Upper-case the letter.\n\nq"
-    assert (directory / "discriminator").is_dir() and (directory / "source_adapter").is_dir()
-
-
-def _edit(directory, change):
-    path = directory / "bundle.json"
-    data = json.loads(path.read_text())
-    change(data)
-    path.write_text(json.dumps(data))
-
-
-CORRUPTIONS = {
-    "format": lambda d: d.update(format="other"), "version": lambda d: d.update(format_version=2),
-    "no-task": lambda d: d.pop("task"), "task-int": lambda d: d.update(task=3),
-    "no-instruction": lambda d: d.pop("instruction"), "seeds-str": lambda d: d.update(seeds="a"),
-    "seed-no-target": lambda d: d.update(seeds=[{"input": "a"}]), "seed-str": lambda d: d.update(seeds=["a"]),
-    "no-seeds": lambda d: d.update(seeds=[]), "verdict-extra": lambda d: d["verdict"].update(extra=1),
-    "verdict-same": lambda d: d["verdict"].update(yes="no"), "verdict-int": lambda d: d["verdict"].update(yes=1),
-    "verdict-question": lambda d: d["verdict"].update(question=None),
-    "n-total": lambda d: d["seed_prompt"].update(n_total=3), "header-int": lambda d: d["seed_prompt"].update(header=5),
-    "tokens-0": lambda d: d["candidate_sampling"].update(max_new_tokens=0),
-    "top-k-str": lambda d: d["candidate_sampling"].update(top_k="5"),
-    "do-sample-str": lambda d: d["candidate_sampling"].update(do_sample="no"),
-    "answer-bool": lambda d: d.update(answer_tokens=True), "answer-str": lambda d: d.update(answer_tokens="6"),
-    "answer-0": lambda d: d.update(answer_tokens=0), "identity-list": lambda d: d.update(source_identity=[]),
-}
-
-
-@pytest.mark.parametrize("change", CORRUPTIONS.values(), ids=CORRUPTIONS.keys())
-def test_corrupt_bundle_fields_are_refused(bundle, change):
-    _, directory = bundle
-    _edit(directory, change)
-    with pytest.raises(CorruptFileError):
-        tr.load_bundle(directory)
-
-
-def test_bundle_file_unreadable_or_missing(bundle):
-    _, directory = bundle
-    (directory / "bundle.json").write_text("{not json")
-    with pytest.raises(CorruptFileError):
-        tr.load_bundle(directory)
-    (directory / "bundle.json").unlink()
-    with pytest.raises(MissingFileError, match="bundle.json"):
-        tr.load_bundle(directory)
-
-
-def test_bundle_without_its_discriminator_is_refused(bundle):
-    saved, directory = bundle
-    shutil.rmtree(directory / "discriminator")
-    with pytest.raises(MissingFileError, match="discriminator"):
-        tr.load_bundle(directory)
-    with pytest.raises(MissingFileError):
-        _ = dataclasses.replace(saved, directory=None).discriminator_dir
-
-
-@pytest.mark.parametrize("other", [lambda: tiny_chat_lm(seed=1), tiny_base_lm], ids=["other-weights", "other-arch"])
-def test_load_source_on_another_base_is_refused_and_attaches_nothing(bundle, other):
-    model, tokenizer = other()
-    before = snapshot(model)
-    with pytest.raises(BaseModelMismatchError):
-        tr.load_source(tr.load_bundle(bundle[1]), model, tokenizer)
-    assert ak.adapters(model) == []
-    assert_unchanged(model, before)
-
-
-def test_load_source_attaches_the_teacher_and_discriminator_and_rolls_back_a_broken_teacher(bundle, tmp_path):
-    model, tokenizer = tiny_chat_lm()
-    teacher, judge = tr.load_source(tr.load_bundle(bundle[1]), model, tokenizer)
-    assert teacher.adapter == "source" and judge.adapter == "discriminator"
-    assert sorted(ak.adapters(model)) == ["discriminator", "source"]
-    fresh, tokenizer = tiny_chat_lm()
-    before = snapshot(fresh)
-    broken = tmp_path / "broken"
-    shutil.copytree(bundle[1] / "source_adapter", broken)
-    for weights in broken.glob("*.safetensors"):
-        weights.write_bytes(b"garbage")
-    with pytest.raises(AdapterError):
-        tr.load_source(tr.load_bundle(bundle[1]), fresh, tokenizer, teacher_adapter=broken)
-    assert ak.adapters(fresh) == []
-    assert_unchanged(fresh, before)

@@ -18,11 +18,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
 from torch import nn
 
 from ...core import api
 from ...core.config import AdapterConfig
-from ...core.snapshot import rollback_on_error
+from ...core.snapshot import ModelSnapshot, rollback_on_error
 from ...errors import ConfigError
 from ...io import artefact
 from ...io.fingerprint import tensor_sample_digest
@@ -229,13 +230,14 @@ class Transfer:
             pairs = [(p, a) for p, a in zip(prompts, answers) if a.strip()]
             options = {"calibration": list(CompletionBatches(tokenizer, pairs[:64], self.settings.batch_size)),
                        "loss_fn": completion_loss}
-        api.attach(target, student, self.settings.name, **options)
-        try:
+        # the target leaves as it came, crash or not (detach alone would leave its base weights frozen)
+        with ModelSnapshot(target, values=False):
+            with torch.random.fork_rng(devices=[]):  # the student's initial values follow the transfer's seed
+                torch.manual_seed(self.settings.seed)
+                api.attach(target, student, self.settings.name, **options)
             with activated(target, self.settings.name):
                 losses = distill(target, tokenizer, prompts, answers, mode=self.settings.mode, teacher=teacher,
                                  epochs=self.settings.epochs, lr=self.settings.lr, batch_size=self.settings.batch_size,
                                  seed=self.settings.seed, progress=self.progress)
             artefact.save(target, self.out, self.settings.name)
-        finally:
-            api.detach(target, self.settings.name)
         return {"losses": losses}
