@@ -260,3 +260,66 @@ def test_a_filtered_transfer_keeps_only_what_the_discriminator_accepts(parts, tm
     assert outcome.sample.accepted == tuple(f"cand {k}" for k in range(6))
     recorded = json.loads((tmp_path / "out" / "transfer" / "sample.json").read_text())
     assert recorded["acceptance_rate"] == pytest.approx(6 / 11) == outcome.sample.acceptance_rate
+
+
+# --- prepare ------------------------------------------------------------------------------------
+
+def _task():
+    from adapterkit.zoo.lm_tasks import LMTask
+
+    train = tuple(LMExample(str(n), "even" if n % 2 == 0 else "odd") for n in range(1000, 1040, 2))
+    return LMTask("parity", "Is the number even or odd?", "parity", train, train[:5], train[:2], ("even", "odd"), "test")
+
+
+def _letters(model, tokenizer, prompt, sampling, *args, **kwargs):
+    """Stands in for the source model's own candidates: letter strings, where the real inputs are digits."""
+    count = iter(range(10_000))
+    return tr.FunctionGenerator(lambda text: f" {'abcdefghij'[next(count) % 10] * 3}{next(count)}\n", prompt)
+
+
+@pytest.fixture
+def source_adapter(tmp_path):
+    model, _ = tiny_chat_lm()
+    ak.attach(model, LORA, "task")
+    randomise(model, "task", seed=5)
+    return ak.save(model, tmp_path / "task", "task")
+
+
+def test_prepare_writes_a_loadable_bundle_and_leaves_the_model_as_it_was(source_adapter, tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "LMGenerator", _letters)
+    model, tokenizer = tiny_chat_lm()
+    before = snapshot(model)
+    made = tr.prepare(model, tokenizer, source_adapter, _task(), tmp_path / "bundle", LORA, source_model="tiny",
+                      settings=tr.PrepareSettings(holdout=0.25), progress=False)
+    assert ak.adapters(model) == []
+    assert_unchanged(model, before)
+    loaded = tr.load_bundle(tmp_path / "bundle")
+    assert loaded == made and loaded.seeds == _task().train[:5] and loaded.source_model == "tiny"
+    assert 0.0 <= loaded.discriminator_accuracy <= 1.0
+    teacher, judge = tr.load_source(loaded, model, tokenizer)
+    reference, _ = tiny_chat_lm()
+    ak.load(reference, source_adapter, "task")
+    prompt = ["1000", "1002"]  # the bundle's source adapter is the one given: same answers
+    assert teacher.answers(prompt, progress=False) == tr.Teacher(reference, tokenizer, "task").answers(prompt, progress=False)
+
+
+@pytest.mark.parametrize("case", ["no-seeds", "all-seeds", "taken-name", "other-base"])
+def test_prepare_refuses_before_writing_anything(case, source_adapter, tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "LMGenerator", _letters)
+    model, tokenizer = tiny_chat_lm()
+    settings, adapter, expected = tr.PrepareSettings(), source_adapter, ConfigError
+    if case == "no-seeds":
+        settings = tr.PrepareSettings(n_seeds=0)
+    elif case == "all-seeds":
+        settings = tr.PrepareSettings(n_seeds=len(_task().train))
+    elif case == "taken-name":
+        ak.attach(model, LORA, "source")
+    else:
+        other, _ = tiny_chat_lm(seed=1)
+        ak.attach(other, LORA, "task")
+        adapter, expected = ak.save(other, tmp_path / "other", "task"), BaseModelMismatchError
+    before = snapshot(model)
+    with pytest.raises(expected):
+        tr.prepare(model, tokenizer, adapter, _task(), tmp_path / "bundle", LORA, settings=settings, progress=False)
+    assert_unchanged(model, before)
+    assert not (tmp_path / "bundle").exists()

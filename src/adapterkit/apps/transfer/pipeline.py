@@ -70,7 +70,8 @@ def prepare(model: nn.Module, tokenizer: Any, source_adapter: str | Path, task: 
     for name in (SOURCE, DISCRIMINATOR):
         if name in before:
             raise ConfigError(f"the source model already has an adapter named {name!r}; detach it first")
-    api.detach(model, artefact.load(model, source_adapter, SOURCE))  # refuses an adapter of another base model
+    with ModelSnapshot(model, values=False):  # a check only: refuses an adapter of another base model
+        artefact.load(model, source_adapter, SOURCE)
     seeds = task.train[: settings.n_seeds]
     prompt = SeedPrompt(tuple(s.input for s in seeds))
     real = [e.input for e in task.train]
@@ -82,6 +83,7 @@ def prepare(model: nn.Module, tokenizer: Any, source_adapter: str | Path, task: 
     real_order, negative_order = rng.sample(real, len(real)), rng.sample(negatives, len(negatives))
     cut_real, cut_neg = int(len(real) * settings.holdout), int(len(negatives) * settings.holdout)
     verdict = Verdict(task.descriptor, task.instruction)
+    restore = ModelSnapshot(model, values=False)  # the model leaves with the adapters and flags it came with
     judge = train_discriminator(model, tokenizer, real_order[cut_real:], negative_order[cut_neg:], verdict, discriminator,
                                 DISCRIMINATOR, epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size,
                                 seed=settings.seed, progress=progress)
@@ -93,7 +95,7 @@ def prepare(model: nn.Module, tokenizer: Any, source_adapter: str | Path, task: 
             artefact.save(model, Path(scratch) / DISCRIMINATOR, DISCRIMINATOR)
             return save_bundle(bundle, out, Path(scratch) / DISCRIMINATOR, Path(source_adapter))
     finally:
-        api.detach(model, DISCRIMINATOR)
+        restore.restore()
 
 
 def load_source(bundle: TransferBundle, model: nn.Module, tokenizer: Any,
