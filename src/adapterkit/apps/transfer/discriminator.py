@@ -82,14 +82,13 @@ def train_discriminator(model: nn.Module, tokenizer: Any, real: Sequence[str], s
     examples += [Completion(verdict.render(t), verdict.no) for t in synthetic]
     active = api.active_adapters(model)
     # a failure removes the adapter and restores the rest (detach alone would leave the base frozen)
-    with rollback_on_error(model, values=False):
+    with rollback_on_error(model, values=False), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the adapter's initial values too: the caller's RNG state does not matter
         api.attach(model, config, name)
         try:
             api.activate(model, name)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                train_completions(model, tokenizer, examples, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                                  progress=progress, close=False)
+            train_completions(model, tokenizer, examples, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                              progress=progress, close=False)
         finally:
             api.activate(model, [n for n, _ in active] or None, [w for _, w in active] or None)
     return Discriminator(model, tokenizer, name, verdict)
