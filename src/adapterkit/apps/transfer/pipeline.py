@@ -49,7 +49,7 @@ class PrepareSettings:
 
     n_seeds: int = 5
     negatives: int | None = None  # source-model negatives; default: as many as there are real inputs
-    epochs: int = 2
+    epochs: int = 1  # discriminator epochs (what bench/translora_bench.py measured)
     lr: float | None = None
     batch_size: int = 8
     holdout: float = 0.1  # share of real and synthetic inputs kept out of training to measure the discriminator
@@ -76,9 +76,8 @@ def prepare(model: nn.Module, tokenizer: Any, source_adapter: str | Path, task: 
     prompt = SeedPrompt(tuple(s.input for s in seeds))
     real = [e.input for e in task.train]
     count = settings.negatives or len(real)
-    with activated(model, None):
-        negatives = candidates(LMGenerator(model, tokenizer, prompt, settings.candidate_sampling), count,
-                               seed=settings.seed, exclude=real, max_calls=settings.max_calls)
+    negatives = candidates(LMGenerator(model, tokenizer, prompt, settings.candidate_sampling), count,
+                           seed=settings.seed, exclude=real, max_calls=settings.max_calls)
     rng = random.Random(settings.seed)
     real_order, negative_order = rng.sample(real, len(real)), rng.sample(negatives, len(negatives))
     cut_real, cut_neg = int(len(real) * settings.holdout), int(len(negatives) * settings.holdout)
