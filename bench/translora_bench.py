@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import adapterkit as ak  # noqa: E402
 from adapterkit.apps import transfer as T  # noqa: E402
-from adapterkit.train.causal import Sampling, exact_match, generate, train_completions  # noqa: E402
+from adapterkit.train.causal import Sampling, exact_match, generate, normalise_answer  # noqa: E402
 from adapterkit.zoo.llm import load_lm  # noqa: E402
 from adapterkit.zoo.lm_tasks import lm_task, random_texts  # noqa: E402
 from _provenance import provenance  # noqa: E402
@@ -89,32 +89,26 @@ class Bench:
         name = ak.load(model, adapter, "scored") if adapter else None
         try:
             ak.activate(model, name)
+            start = time.perf_counter()
             result = exact_match(model, tok, [task.prompt(e) for e in task.test], [e.target for e in task.test],
                                  batch_size=self.args.eval_batch)
+            seconds = time.perf_counter() - start
         finally:
             if name:
                 ak.detach(model, name)
+        bits = [int(normalise_answer(p) == normalise_answer(e.target)) for e, p in zip(task.test, result.predictions)]
         return {"accuracy": result.accuracy, "se": result.standard_error, "correct": result.correct, "n": result.total,
+                "eval_seconds": seconds, "correct_bits": "".join(map(str, bits)),
                 "examples": [[e.input, e.target, p] for e, p in list(zip(task.test, result.predictions))[:5]]}
 
     def fit(self, lm: str, prompts: list[str], answers: list[str], method: str, out: Path, seed: int) -> dict[str, Any]:
+        """The same path as a transfer's training stage (T.train_student): seeded initial values,
+        gradient masks calibrated on the pairs, the model restored afterwards."""
         model, tok = self.lm(lm)
-        config = STUDENTS[method]()
-        pairs = [(p, a.strip()) for p, a in zip(prompts, answers) if a.strip()]
-        options = {}
-        if getattr(config, "needs_gradients", False):
-            from adapterkit.train.causal import CompletionBatches, completion_loss
-            options = {"calibration": list(CompletionBatches(tok, pairs[:64], 8)), "loss_fn": completion_loss}
-        ak.attach(model, config, "student", **options)
-        try:
-            ak.activate(model, "student")
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                losses = train_completions(model, tok, pairs, epochs=self.args.epochs, lr=None, batch_size=8, seed=seed)
-            ak.save(model, out, "student")
-        finally:
-            ak.detach(model, "student")
-        return {"pairs": len(pairs), "first_loss": losses[0], "last_loss": sum(losses[-5:]) / len(losses[-5:])}
+        losses = T.train_student(model, tok, STUDENTS[method](), "student", prompts, answers, out,
+                                 epochs=self.args.epochs, seed=seed)
+        return {"pairs": sum(bool(a.strip()) for a in answers), "first_loss": losses[0],
+                "last_loss": sum(losses[-5:]) / len(losses[-5:])}
 
     def trained_and_scored(self, lm: str, task: Any, prompts: list[str], answers: list[str], method: str, out: Path,
                            seed: int) -> dict[str, Any]:
@@ -200,7 +194,7 @@ class Bench:
         scored = self.score(target, task, out)
         return {**scored, "acceptance_rate": outcome.sample.acceptance_rate, "calls": outcome.sample.calls,
                 "judged": len(outcome.sample.candidates), "duplicates": outcome.sample.duplicates,
-                "stage_seconds": {**stages, "eval": scored.get("eval_seconds")}}
+                "stage_seconds": {**stages, "eval": scored["eval_seconds"]}}
 
     def candidates(self, tl_dir: Path, filtered: bool) -> list[str]:
         sample = json.loads((tl_dir / "transfer" / "sample.json").read_text())
@@ -228,7 +222,7 @@ class Bench:
         embed = lambda texts: torch.tensor(encoder.encode(list(texts), batch_size=64))  # noqa: E731
         real = embed([e.input for e in task.test[:250]])
         filtered, unfiltered = embed(self.candidates(tl_dir, True)), embed(self.candidates(tl_dir, False))
-        seeds = embed([e.input for e in task.train[5:255]])
+        seeds = embed([e.input for e in task.train[5:]])  # the 245 real training inputs that are not seeds
         bandwidth = T.mmd.median_distance(torch.cat([real, filtered, unfiltered]))
         return {"filtered": T.mmd(filtered, real, bandwidth), "unfiltered": T.mmd(unfiltered, real, bandwidth),
                 "real_train": T.mmd(seeds, real, bandwidth), "bandwidth": bandwidth}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import tempfile
 from pathlib import Path
@@ -22,8 +21,8 @@ from ..core import api
 from ..core.registry import get_method
 from ..errors import ConfigError, DataNotFoundError, MissingFileError
 from ..io import artefact
-from ..train.causal import (Completion, CompletionBatches, ExactMatch, completion_loss, exact_match,
-                            normalise_answer, train_completions)
+from ..train.causal import (Completion, ExactMatch, attach_for_completions, exact_match, normalise_answer,
+                            train_completions)
 from ..train.loop import default_learning_rate
 from ..zoo.llm import MODELS, load_lm
 from ..zoo.lm_tasks import LM_TASKS, LMTask, lm_task, read_task_dir
@@ -169,18 +168,16 @@ def train(args: argparse.Namespace) -> int:
     data = lm_data(args.data, args.instruction, args.test_size, args.train_size)
     model, tokenizer = load_lm(args.model)
     # checks every pair against the tokenizer and --max-length before anything is attached
-    batches = CompletionBatches(tokenizer, data.train, args.batch_size, args.max_length)
-    options = {}
-    if getattr(config, "needs_gradients", False):  # SHiRA grad/snip masks, LT-SFT: calibrate on the first batches
-        options = {"calibration": list(itertools.islice(batches, CALIBRATION_BATCHES)), "loss_fn": completion_loss}
-    torch.manual_seed(args.seed)
-    api.attach(model, config, args.name, **options)
+    # SHiRA grad/snip masks, LT-SFT: calibrate on the first batches; initial values from --seed
+    attach_for_completions(model, tokenizer, config, args.name, data.train, seed=args.seed, batch_size=args.batch_size,
+                           calibration_batches=CALIBRATION_BATCHES)
     with tempfile.TemporaryDirectory() as scratch:  # the save must work before the training
         _write(model, Path(scratch) / "adapter", args.name, args.format)
     lr = args.lr if args.lr is not None else default_learning_rate(model)
     trainable, total = api.trainable_parameters(model)
     print(f"training {method.name} adapter {args.name!r}: {trainable:,} trainable of {total:,} parameters on "
           f"{len(data.train)} examples; learning rate {lr:g}" + ("" if args.lr is not None else " (method default)"))
+    torch.manual_seed(args.seed)  # this process's own RNG: stochastic methods (MoSA) train reproducibly
     losses = train_completions(model, tokenizer, data.train, epochs=args.epochs, lr=lr, batch_size=args.batch_size,
                                max_length=args.max_length, seed=args.seed)
     _write(model, args.out, args.name, args.format)

@@ -203,6 +203,23 @@ def train_completions(model: nn.Module, tokenizer: Any, examples: Sequence[Compl
     return train(model, batches, epochs=epochs, lr=lr, progress=progress, loss_fn=loss_fn)
 
 
+def attach_for_completions(model: nn.Module, tokenizer: Any, config: Any, name: str,
+                           examples: Sequence[Completion | tuple[str, str]], *, seed: int = 0,
+                           batch_size: int = 8, calibration_batches: int = 8) -> None:
+    """Attach adapter ``name`` with its initial values drawn from ``seed`` (the caller's RNG is left
+    alone); a config that chooses its weights by gradient (``needs_gradients``, e.g. SHiRA's grad
+    mask) gets the first ``calibration_batches`` batches of ``examples`` and :func:`completion_loss`."""
+    from ..core import api
+
+    options: dict[str, Any] = {}
+    if getattr(config, "needs_gradients", False):
+        batches = CompletionBatches(tokenizer, list(examples)[: calibration_batches * batch_size], batch_size)
+        options = {"calibration": list(batches), "loss_fn": completion_loss}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        api.attach(model, config, name, **options)
+
+
 @torch.no_grad()
 def answer_log_probs(model: nn.Module, tokenizer: Any, prompts: Sequence[str], answers: Sequence[str], *,
                      batch_size: int = 32, max_length: int = 256) -> Tensor:

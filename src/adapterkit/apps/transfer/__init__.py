@@ -12,7 +12,8 @@ from .discriminator import Discriminator, Verdict, train_discriminator
 from .distill import Teacher, activated, check_same_vocabulary, distill, logit_kd_loss, soft_cross_entropy
 from .generator import CANDIDATE_SAMPLING, FunctionGenerator, Generator, LMGenerator, candidates
 from .mmd import mmd
-from .pipeline import PrepareSettings, Transfer, TransferOutcome, TransferSettings, load_source, prepare
+from .pipeline import (PrepareSettings, Transfer, TransferOutcome, TransferSettings, load_source, prepare, sample_stream,
+                       train_student)
 from .prompts import SeedPrompt
 from .sampler import RejectionSampler, SampleResult
 
@@ -20,6 +21,7 @@ __all__ = [
     "CANDIDATE_SAMPLING", "Discriminator", "FunctionGenerator", "Generator", "LMGenerator", "PrepareSettings",
     "RejectionSampler", "SampleResult", "SeedPrompt", "Teacher", "Transfer", "TransferBundle", "TransferOutcome",
     "TransferSettings", "Verdict", "activated", "candidates", "check_same_vocabulary", "distill", "load_bundle",
-    "load_source", "logit_kd_loss", "mmd", "model_identity", "prepare", "save_bundle", "soft_cross_entropy",
+    "load_source", "logit_kd_loss", "mmd", "model_identity", "prepare", "sample_stream", "save_bundle",
+    "soft_cross_entropy", "train_student",
     "train_discriminator",
 ]

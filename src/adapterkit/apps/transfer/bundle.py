@@ -42,6 +42,9 @@ def model_identity(model: nn.Module) -> dict[str, Any]:
 def check_identity(model: nn.Module, recorded: Mapping[str, Any], what: str) -> None:
     """Raise :class:`BaseModelMismatchError` naming the first field where ``model`` differs."""
     actual = model_identity(model)
+    if set(recorded) != set(actual):
+        raise BaseModelMismatchError(f"{what} records an incomplete model identity {sorted(recorded)}; "
+                                     f"expected the fields {sorted(actual)}")
     for key, value in recorded.items():
         if actual.get(key) != value:
             raise BaseModelMismatchError(f"{what} was made for another base model: {key} is {actual.get(key)!r}, "

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
 from torch import nn
 
 from ...core import api
@@ -28,7 +27,7 @@ from ...errors import ConfigError
 from ...io import artefact
 from ...io.fingerprint import tensor_sample_digest
 from ...io.safefiles import read_json, write_json
-from ...train.causal import CompletionBatches, Sampling, completion_loss
+from ...train.causal import Sampling, attach_for_completions
 from ...zoo.lm_tasks import LMTask
 from .bundle import TransferBundle, check_identity, model_identity, save_bundle
 from .discriminator import Discriminator, Verdict, train_discriminator
@@ -147,6 +146,13 @@ def _adapter_digest(model: nn.Module, adapter: str | None) -> list[str]:
     return [] if adapter is None else [tensor_sample_digest(p) for p in api.adapter_parameters(model, adapter)]
 
 
+def sample_stream(seed: int) -> int:
+    """The transfer's sampling seed: a stream of its own, so a target that is the source base model
+    does not regenerate :func:`prepare`'s negatives (drawn from ``seed`` itself), which the
+    discriminator was trained to reject."""
+    return int.from_bytes(hashlib.sha256(f"transfer-sample:{seed}".encode()).digest()[:4], "big")
+
+
 class Transfer:
     """Runs the stages into ``out`` (the adapter directory; stage files in ``out/transfer/``)."""
 
@@ -171,12 +177,17 @@ class Transfer:
                                              self.bundle.candidate_sampling, self.settings.generator_batch)
         seconds: dict[str, float] = {}
 
-        def stage(name: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        def stage(name: str, compute: Callable[[], dict[str, Any]], inputs: Any = None) -> dict[str, Any]:
+            """Reuse a finished stage only if it was computed from the same inputs (a recomputed
+            sample must not be paired with the labels of the old one)."""
             path = self.stages / f"{name}.json"
+            digest = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()
             if path.is_file():
-                return read_json(path)
+                done = read_json(path)
+                if done.get("inputs_sha256") == digest:
+                    return done
             start = time.perf_counter()
-            result = {**compute(), "seconds": 0.0}
+            result = {**compute(), "inputs_sha256": digest, "seconds": 0.0}
             result["seconds"] = seconds[name] = time.perf_counter() - start
             write_json(path, result)
             if on_stage is not None:
@@ -187,8 +198,9 @@ class Transfer:
         sample = SampleResult(tuple(sampled["accepted"]), tuple(sampled["candidates"]), sampled["calls"], sampled["duplicates"])
         prompts = [self.bundle.prompt(x) for x in sample.accepted]
         labelled = stage("label", lambda: {"answers": teacher.answers(
-            prompts, Sampling(max_new_tokens=self.bundle.answer_tokens), progress=self.progress)})
-        trained = stage("train", lambda: self._train(teacher, target, target_tokenizer, student, prompts, labelled["answers"]))
+            prompts, Sampling(max_new_tokens=self.bundle.answer_tokens), progress=self.progress)}, prompts)
+        trained = stage("train", lambda: self._train(teacher, target, target_tokenizer, student, prompts, labelled["answers"]),
+                        [prompts, labelled["answers"]])
         for name in STAGES:
             seconds.setdefault(name, 0.0)
         return TransferOutcome(sample, tuple(labelled["answers"]), tuple(trained["losses"]), seconds, self.out)
@@ -220,25 +232,30 @@ class Transfer:
         seeds = [s.input for s in self.bundle.seeds]
         result = RejectionSampler(generator, accept, self.settings.target_size, max_calls=self.settings.max_calls,
                                   calls_per_round=self.settings.calls_per_round, exclude=seeds,
-                                  progress=self.progress).run(self.settings.seed)
+                                  progress=self.progress).run(sample_stream(self.settings.seed))
         return {"accepted": list(result.accepted), "candidates": list(result.candidates), "calls": result.calls,
                 "duplicates": result.duplicates, "acceptance_rate": result.acceptance_rate}
 
     def _train(self, teacher: Teacher, target: nn.Module, tokenizer: Any, student: AdapterConfig,
                prompts: Sequence[str], answers: Sequence[str]) -> dict[str, Any]:
-        options: dict[str, Any] = {}
-        if getattr(student, "needs_gradients", False):  # e.g. SHiRA gradient masks: calibrate on the labelled set
-            pairs = [(p, a) for p, a in zip(prompts, answers) if a.strip()]
-            options = {"calibration": list(CompletionBatches(tokenizer, pairs[:64], self.settings.batch_size)),
-                       "loss_fn": completion_loss}
-        # the target leaves as it came, crash or not (detach alone would leave its base weights frozen)
-        with ModelSnapshot(target, values=False):
-            with torch.random.fork_rng(devices=[]):  # the student's initial values follow the transfer's seed
-                torch.manual_seed(self.settings.seed)
-                api.attach(target, student, self.settings.name, **options)
-            with activated(target, self.settings.name):
-                losses = distill(target, tokenizer, prompts, answers, mode=self.settings.mode, teacher=teacher,
-                                 epochs=self.settings.epochs, lr=self.settings.lr, batch_size=self.settings.batch_size,
-                                 seed=self.settings.seed, progress=self.progress)
-            artefact.save(target, self.out, self.settings.name)
-        return {"losses": losses}
+        return {"losses": train_student(target, tokenizer, student, self.settings.name, prompts, answers, self.out,
+                                        mode=self.settings.mode, teacher=teacher, epochs=self.settings.epochs,
+                                        lr=self.settings.lr, batch_size=self.settings.batch_size,
+                                        seed=self.settings.seed, progress=self.progress)}
+
+
+def train_student(target: nn.Module, tokenizer: Any, config: AdapterConfig, name: str, prompts: Sequence[str],
+                  answers: Sequence[str], out: str | Path, *, mode: str = "sequence", teacher: Teacher | None = None,
+                  epochs: int = 2, lr: float | None = None, batch_size: int = 8, seed: int = 0,
+                  progress: bool = True) -> list[float]:
+    """Attach a fresh adapter ``name`` of any method (initial values from ``seed``; gradient-chosen
+    masks calibrate on the labelled pairs), distil ``answers`` into it, save it to ``out``. The target
+    leaves as it came, crash or not (detach alone would leave its base weights frozen)."""
+    pairs = [(p, a.strip()) for p, a in zip(prompts, answers) if a.strip()]
+    with ModelSnapshot(target, values=False):
+        attach_for_completions(target, tokenizer, config, name, pairs, seed=seed, batch_size=batch_size)
+        with activated(target, name):
+            losses = distill(target, tokenizer, prompts, answers, mode=mode, teacher=teacher, epochs=epochs, lr=lr,
+                             batch_size=batch_size, seed=seed, progress=progress)
+        artefact.save(target, out, name)
+    return losses
