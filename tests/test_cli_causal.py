@@ -90,9 +90,9 @@ def test_train_then_eval_reproduces_the_adapter(lm, argv, lms, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("line, message", [
-    ('{"input": "1 vs 2", "target": "no"', "not a JSON line"),
-    ('{"input": "1 vs 2"}', 'expected a JSON object with "prompt"'),
-    ('["1 vs 2", "no"]', "expected a JSON object"),
+    ('{"input": "1 vs 2", "target": "no"', "malformed JSON line"),
+    ('{"input": "1 vs 2"}', 'expected "prompt" and "completion" or "input" and "target"'),
+    ('["1 vs 2", "no"]', "each line must be a JSON object"),
     ('{"input": "1 vs 2", "target": ""}', "'target' must be a non-empty string"),
     ('{"input": "1 vs 2", "target": 3}', "'target' must be a non-empty string"),
     ('{"prompt": "1 vs 2", "completion": "no"}', "one form per file"),

@@ -52,7 +52,7 @@ def test_jsonl_with_integer_labels_and_other_column_names(tmp_path):
     ("jsonl", [{"text": "a", "label": 0}, {"text": "", "label": 1}], None, ":2: column 'text'", "empty text"),
     ("jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 0.5}], None, ":2: column 'label'", "non-integer label 0.5"),
     ("jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": True}], None, ":2: column 'label'", "non-integer label true"),
-    ("jsonl", [{"text": "a", "label": 0}, [1, 2]], None, ":2:", "must be an object"),
+    ("jsonl", [{"text": "a", "label": 0}, [1, 2]], None, ":2:", "must be a JSON object"),
     ("jsonl", [{"text": "a", "label": "x"}], None, ": column 'label'", "need at least 2"),
 ])
 def test_bad_files_name_file_line_and_column(kind, rows, column, where, message, tmp_path, capsys, monkeypatch):

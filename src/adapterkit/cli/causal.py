@@ -25,6 +25,7 @@ from ..train.causal import (Completion, ExactMatch, attach_for_completions, exac
                             train_completions)
 from ..train.loop import default_learning_rate
 from ..zoo.llm import MODELS, load_lm
+from ..zoo.data import json_lines
 from ..zoo.lm_tasks import LM_TASKS, LMTask, lm_task, read_task_dir
 from .options import DEST, build_config
 from .train import CALIBRATION_BATCHES, _check_format, _write
@@ -80,23 +81,13 @@ class LMData:
 
 def _read_pairs(path: Path, instruction: str | None) -> list[Completion]:
     """Every line of a JSONL file as a pair; any bad line raises naming ``file:line``."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     pairs, form = [], None
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, row in json_lines(path):
         where = f"{path}:{number}"
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{where}: not a JSON line ({exc.msg} at column {exc.colno})") from None
-        keys = ("prompt", "completion") if isinstance(row, dict) and "prompt" in row else ("input", "target")
-        if not isinstance(row, dict) or not all(k in row for k in keys):
-            raise ConfigError(f"{where}: expected a JSON object with \"prompt\" and \"completion\" or with "
-                              f"\"input\" and \"target\", got {line[:80]}")
+        keys = ("prompt", "completion") if "prompt" in row else ("input", "target")
+        if not all(k in row for k in keys):
+            raise ConfigError(f"{where}: expected \"prompt\" and \"completion\" or \"input\" and \"target\", "
+                              f"got the keys {sorted(row)[:8]}")
         if form is not None and keys != form:
             raise ConfigError(f"{where}: {keys} line in a file of {form} lines; use one form per file")
         form = keys

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from .loop import train
+from .loop import length_windowed_order, train
 
 IGNORE = -100
 PLAIN_FRAME = "{prompt}\nAnswer:"
@@ -133,14 +133,8 @@ class CompletionBatches:
         order = list(range(len(self.items)))
         if not self.shuffle:
             return order
-        rng = random.Random(self.seed + self.epoch)
-        rng.shuffle(order)
-        size = lambda j: sum(map(len, self.items[j]))  # noqa: E731
-        window = self.batch_size * 8
-        chunks = [sorted(order[i:i + window], key=size) for i in range(0, len(order), window)]
-        batches = [c[i:i + self.batch_size] for c in chunks for i in range(0, len(c), self.batch_size)]
-        rng.shuffle(batches)
-        return [j for b in batches for j in b]
+        return length_windowed_order([sum(map(len, item)) for item in self.items], self.batch_size,
+                                     random.Random(self.seed + self.epoch))
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         order = self._order()

@@ -50,6 +50,18 @@ class LabelledTexts(Protocol):
     def __len__(self) -> int: ...
 
 
+def length_windowed_order(sizes: Sequence[int], batch_size: int, rng: random.Random) -> list[int]:
+    """A shuffled order of ``range(len(sizes))`` whose consecutive ``batch_size`` runs hold items of
+    similar size (sorted within windows of 8 batches, then the batches shuffled): less padding."""
+    order = list(range(len(sizes)))
+    rng.shuffle(order)
+    window = batch_size * 8
+    chunks = [sorted(order[i:i + window], key=lambda j: sizes[j]) for i in range(0, len(order), window)]
+    batches = [c[i:i + batch_size] for c in chunks for i in range(0, len(c), batch_size)]
+    rng.shuffle(batches)
+    return [j for b in batches for j in b]
+
+
 class TextBatches:
     """Re-iterable tokenised mini-batches of labelled texts.
 
@@ -79,13 +91,8 @@ class TextBatches:
             return sorted(order, key=lambda j: len(self.features[j]["input_ids"]))
         if not self.shuffle:
             return order
-        rng = random.Random(self.seed + self.epoch)
-        rng.shuffle(order)
-        window = self.batch_size * 8
-        chunks = [sorted(order[i:i + window], key=lambda j: len(self.features[j]["input_ids"])) for i in range(0, len(order), window)]
-        batches = [c[i:i + self.batch_size] for c in chunks for i in range(0, len(c), self.batch_size)]
-        rng.shuffle(batches)
-        return [j for b in batches for j in b]
+        return length_windowed_order([len(f["input_ids"]) for f in self.features], self.batch_size,
+                                     random.Random(self.seed + self.epoch))
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         order = self._order()

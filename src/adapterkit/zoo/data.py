@@ -25,7 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import ConfigError, DataNotFoundError
+from ..errors import AdapterError, ConfigError, DataNotFoundError
 
 VADER_VERSION = "3.3.2"
 VADER_SDIST = f"vaderSentiment-{VADER_VERSION}.tar.gz"
@@ -152,21 +152,31 @@ def _csv_records(path: Path, text_column: str, label_column: str) -> Iterator[tu
             start = reader.line_num + 1
 
 
+def json_lines(path: Path, error: type[AdapterError] = ConfigError) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for every non-blank line of a JSONL file; text that is not UTF-8, a
+    malformed line or a line that is not a JSON object raises ``error`` naming ``file:line``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise error(f"{path}:{number}: malformed JSON line ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(row, dict):
+            raise error(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
+        yield number, row
+
+
 def _jsonl_records(path: Path, text_column: str, label_column: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}:{number}: malformed JSON line ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise ConfigError(f"{path}:{number}: a JSON line must be an object, got {type(row).__name__}")
-            for column in (text_column, label_column):
-                if column not in row:
-                    raise ConfigError(f"{path}:{number}: column {column!r}: missing")
-            yield number, row
+    for number, row in json_lines(path):
+        for column in (text_column, label_column):
+            if column not in row:
+                raise ConfigError(f"{path}:{number}: column {column!r}: missing")
+        yield number, row
 
 
 def _label(value: Any, where: str) -> int | str:

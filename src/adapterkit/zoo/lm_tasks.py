@@ -20,7 +20,7 @@ from typing import Callable
 
 from ..errors import ConfigError, CorruptFileError, MissingFileError
 from ..train.causal import normalise_answer  # noqa: F401  (re-exported: the one exact-match rule)
-from .data import VADER_SUBSETS, VADER_VERSION, _read_vader
+from .data import VADER_SUBSETS, VADER_VERSION, _read_vader, json_lines
 
 NUM_SEEDS = 5
 MAX_VADER_CHARS = 300  # keeps prompts short enough for CPU training and generation
@@ -320,9 +320,13 @@ def write_jsonl(task: LMTask, directory: str | Path) -> dict[str, Path]:
     return paths
 
 
-def _read_text(path: Path) -> str:
+def _require(path: Path) -> None:
     if not path.is_file():
         raise MissingFileError(f"{path}: missing (a task directory needs task.json, train/seeds/test.jsonl)")
+
+
+def _read_text(path: Path) -> str:
+    _require(path)
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -332,16 +336,9 @@ def _read_text(path: Path) -> str:
 def _read_split(path: Path, answers: tuple[str, ...]) -> list[tuple[int, LMExample]]:
     """(line number, example) pairs of one split file."""
     examples = []
-    for number, line in enumerate(_read_text(path).splitlines(), 1):
+    _require(path)
+    for number, row in json_lines(path, CorruptFileError):
         where = f"{path}:{number}"
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CorruptFileError(f"{where}: malformed JSON line ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(row, dict):
-            raise CorruptFileError(f"{where}: a line must be a JSON object, got {type(row).__name__}")
         for key in ("input", "target"):
             if not isinstance(row.get(key), str) or not row[key].strip():
                 what = "missing" if key not in row else f"must be a non-empty string, got {json.dumps(row[key])}"
