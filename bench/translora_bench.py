@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import adapterkit as ak  # noqa: E402
 from adapterkit.apps import transfer as T  # noqa: E402
+from adapterkit.apps.transfer.mmd import median_distance  # noqa: E402
 from adapterkit.train.causal import Sampling, exact_match, generate, normalise_answer  # noqa: E402
 from adapterkit.zoo.llm import load_lm  # noqa: E402
 from adapterkit.zoo.lm_tasks import lm_task, random_texts  # noqa: E402
@@ -223,7 +224,7 @@ class Bench:
         real = embed([e.input for e in task.test[:250]])
         filtered, unfiltered = embed(self.candidates(tl_dir, True)), embed(self.candidates(tl_dir, False))
         seeds = embed([e.input for e in task.train[5:]])  # the 245 real training inputs that are not seeds
-        bandwidth = T.mmd.median_distance(torch.cat([real, filtered, unfiltered]))
+        bandwidth = median_distance(torch.cat([real, filtered, unfiltered]))
         return {"filtered": T.mmd(filtered, real, bandwidth), "unfiltered": T.mmd(unfiltered, real, bandwidth),
                 "real_train": T.mmd(seeds, real, bandwidth), "bandwidth": bandwidth}
 
