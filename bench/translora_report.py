@@ -12,7 +12,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _provenance import describe  # noqa: E402
 
 CELLS = ROOT / "bench" / "work" / "translora" / "cells.json"
 OUT = ROOT / "bench" / "results" / "translora_bench"
@@ -22,6 +21,18 @@ MAIN = [("src_base", "source base"), ("src_lora", "source + LoRA"), ("tgt_base",
 CROSS = [("translora", "LoRA → LoRA"), ("cross_shira", "LoRA → SHiRA"), ("cross_dylora", "LoRA → DyLoRA"),
          ("cross_lora1bit", "LoRA → 1-bit LoRA")]
 SELECTION = ("boolean_expressions", "object_counting", "multistep_arithmetic_two", "dyck_languages")
+
+
+def trees(cells: dict[str, Any]) -> str:
+    """Which committed src/ trees the cells were measured on (each cell records its own)."""
+    seen: dict[tuple, int] = {}
+    for key, value in cells.items():
+        record = value.get("provenance") if isinstance(value, dict) else None
+        if record:
+            tag = (record["commit"][:10], record["src_tree"][:10], record["src_dirty"])
+            seen[tag] = seen.get(tag, 0) + 1
+    parts = [f"{n} cells on commit {c} (src tree {t}{', uncommitted src changes' if d else ''})" for (c, t, d), n in seen.items()]
+    return "Measured on: " + "; ".join(parts) + " — see each cell's `provenance` in the JSON."
 
 
 def cell(cells: dict[str, Any], task: str, name: str, seed: int = 0) -> dict[str, Any] | None:
@@ -63,7 +74,7 @@ def verdict(cells: dict[str, Any], task: str, seed: int = 0) -> tuple[str, float
 def render(cells: dict[str, Any]) -> str:
     tasks = tasks_of(cells)
     lines = ["# Trans-LoRA: SmolLM2-135M-Instruct → Gemma-3-270M, data-free (bench/translora_bench.py)", "",
-             describe(cells["_meta"]), "",
+             trees(cells), "",
              "Exact match (%) ± binomial SE on 500 held-out examples per task; 250 real training examples, 5 seeds, "
              "|D_syn| = 250 filtered synthetic inputs; every student is a LoRA r=8 on q/v trained 2 epochs at the "
              "method's default LR (same steps for every column). Seed 0 unless a second seed is shown.", "",
