@@ -61,6 +61,8 @@ class Bench:
         self.cells_path = WORK / "cells.json"
         self.cells: dict[str, Any] = json.loads(self.cells_path.read_text()) if self.cells_path.is_file() else {}
         self.lms: dict[str, tuple[Any, Any]] = {}
+        record = provenance()
+        self.code = {k: record[k] for k in ("commit", "src_tree", "src_dirty")}
 
     def lm(self, name: str) -> tuple[Any, Any]:
         if name not in self.lms:
@@ -73,8 +75,7 @@ class Bench:
             start = time.perf_counter()
             result = compute()
             result["seconds"] = round(time.perf_counter() - start, 1)
-            record = provenance()
-            result["provenance"] = {k: record[k] for k in ("commit", "src_tree", "src_dirty")}
+            result["provenance"] = self.code  # the code this process loaded, not git's state when the cell ends
             self.cells[key] = result
             WORK.mkdir(parents=True, exist_ok=True)
             tmp = self.cells_path.with_suffix(".partial")
