@@ -159,6 +159,8 @@ class Bench:
                 self.cell(key(cell), lambda: self.trained_and_scored(
                     "gemma3", task, [task.prompt(s.input) for s in bundle.seeds] * reps,
                     [s.target for s in bundle.seeds] * reps, "lora", work / "seeds_only", seed))
+            elif cell == "probe":
+                self.cell(key(cell), lambda: self.probe(bundle_dir, seed))
             elif cell == "mmd":
                 self.cell(key(cell), lambda: self.mmd(task, tl_dir))
             elif cell.startswith("cross_"):
@@ -214,6 +216,31 @@ class Bench:
         return {**scored, "acceptance_rate": outcome.sample.acceptance_rate, "calls": outcome.sample.calls,
                 "judged": len(outcome.sample.candidates), "duplicates": outcome.sample.duplicates,
                 "stage_seconds": {**stages, "eval": scored["eval_seconds"]}}
+
+    def probe(self, bundle_dir: Path, seed: int, calls: int = 48) -> dict[str, Any]:
+        """The acceptance rate of a transfer's sampling stage over ``calls`` generator calls, for tasks
+        where reaching |D_syn| = 250 does not fit the CPU budget (the stage then stops on its budget)."""
+        bundle = T.load_bundle(bundle_dir)
+        _, judge = self.teacher(bundle)
+        model, tok = self.lm("gemma3")
+        generator = T.LMGenerator(model, tok, bundle.seed_prompt, bundle.candidate_sampling, self.args.gen_batch)
+        verdicts: list[tuple[str, bool]] = []
+
+        def accept(texts: list[str]) -> list[bool]:
+            flags = judge.accept(texts)
+            verdicts.extend(zip(texts, flags))
+            return flags
+
+        start = time.perf_counter()
+        sampler = T.RejectionSampler(generator, accept, 250, max_calls=calls, exclude=[s.input for s in bundle.seeds])
+        try:
+            sampler.run(T.sample_stream(seed))
+        except ak.errors.BudgetExceededError:
+            pass
+        accepted = [t for t, ok in verdicts if ok]
+        return {"calls": calls, "judged": len(verdicts), "accepted": len(accepted),
+                "acceptance_rate": len(accepted) / max(1, len(verdicts)), "sample_seconds": time.perf_counter() - start,
+                "accepted_examples": accepted[:8], "rejected_examples": [t for t, ok in verdicts if not ok][:8]}
 
     def candidates(self, tl_dir: Path, filtered: bool) -> list[str]:
         sample = json.loads((tl_dir / "transfer" / "sample.json").read_text())
