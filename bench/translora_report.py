@@ -44,7 +44,21 @@ def pct(entry: dict[str, Any] | None) -> str:
 
 
 def tasks_of(cells: dict[str, Any]) -> list[str]:
-    return list(dict.fromkeys(k.split("/")[0] for k in cells if "/" in k and cell(cells, k.split("/")[0], "translora")))
+    """Tasks that reached the transfer: a full Trans-LoRA run or an acceptance probe."""
+    return list(dict.fromkeys(k.split("/")[0] for k in cells if "/" in k
+                              and (cell(cells, k.split("/")[0], "translora") or cell(cells, k.split("/")[0], "probe"))))
+
+
+def transferred(cells: dict[str, Any]) -> list[str]:
+    return [t for t in tasks_of(cells) if cell(cells, t, "translora")]
+
+
+def column(cells: dict[str, Any], task: str, name: str) -> str:
+    probe = cell(cells, task, "probe")
+    if name == "translora" and not cell(cells, task, name) and probe:
+        return (f"not reached: {probe['acceptance_rate']:.1%} accepted ({probe['accepted']} of {probe['judged']} in "
+                f"{probe['calls']} calls, {probe['sample_seconds']:.0f} s)")
+    return pct(cell(cells, task, name))
 
 
 def paired_se(a: dict[str, Any], b: dict[str, Any]) -> float:
@@ -81,7 +95,7 @@ def render(cells: dict[str, Any]) -> str:
              "| task | " + " | ".join(label for _, label in MAIN) + " | Trans-LoRA − max(source + LoRA, target base) |",
              "|---" * (len(MAIN) + 2) + "|"]
     for task in tasks:
-        lines.append(f"| {task} | " + " | ".join(pct(cell(cells, task, n)) for n, _ in MAIN) + f" | {verdict(cells, task)[0]} |")
+        lines.append(f"| {task} | " + " | ".join(column(cells, task, n) for n, _ in MAIN) + f" | {verdict(cells, task)[0]} |")
     seeded = [t for t in tasks if cell(cells, t, "translora", 1)]
     if seeded:
         lines += ["", "Second seed (everything seed-dependent redrawn: source LoRA, negatives, discriminator, sample, "
@@ -111,7 +125,7 @@ def render(cells: dict[str, Any]) -> str:
               "| task | discriminator held-out acc. | acceptance rate | candidates judged | generator calls | MMD filtered | MMD unfiltered | MMD real train |",
               "|---|---|---|---|---|---|---|---|"]
     for t in tasks:
-        tl, b, m = cell(cells, t, "translora"), cell(cells, t, "bundle"), cell(cells, t, "mmd")
+        tl, b, m = cell(cells, t, "translora") or cell(cells, t, "probe"), cell(cells, t, "bundle"), cell(cells, t, "mmd")
         acc = b.get("discriminator_holdout_accuracy") if b else None
         mm = (f"{m['filtered']:.4f} | {m['unfiltered']:.4f} | {m['real_train']:.4f}" if m else "not run | not run | not run")
         lines.append(f"| {t} | {'—' if acc is None else f'{acc:.3f}'} | {tl['acceptance_rate']:.3f} | {tl['judged']} | "
@@ -121,7 +135,7 @@ def render(cells: dict[str, Any]) -> str:
               "label = SmolLM2 + LoRA answers; train = Gemma-3 LoRA distillation; eval = 500 test examples.", "",
               "| task | prepare | sample | label | train | eval | transfer total | share: sample / label / train |",
               "|---|---|---|---|---|---|---|---|"]
-    for t in tasks:
+    for t in transferred(cells):
         tl, b = cell(cells, t, "translora"), cell(cells, t, "bundle")
         s = tl["stage_seconds"]
         total = s["sample"] + s["label"] + s["train"]
