@@ -46,7 +46,7 @@ def pct(entry: dict[str, Any] | None) -> str:
 def tasks_of(cells: dict[str, Any]) -> list[str]:
     """Tasks that reached the transfer: a full Trans-LoRA run or an acceptance probe."""
     return list(dict.fromkeys(k.split("/")[0] for k in cells if "/" in k
-                              and (cell(cells, k.split("/")[0], "translora") or cell(cells, k.split("/")[0], "probe"))))
+                              and any(cell(cells, k.split("/")[0], n) for n in ("translora", "probe", "bundle"))))
 
 
 def transferred(cells: dict[str, Any]) -> list[str]:
@@ -126,6 +126,8 @@ def render(cells: dict[str, Any]) -> str:
               "|---|---|---|---|---|---|---|---|"]
     for t in tasks:
         tl, b, m = cell(cells, t, "translora") or cell(cells, t, "probe"), cell(cells, t, "bundle"), cell(cells, t, "mmd")
+        if tl is None:
+            continue
         acc = b.get("discriminator_holdout_accuracy") if b else None
         mm = (f"{m['filtered']:.4f} | {m['unfiltered']:.4f} | {m['real_train']:.4f}" if m else "not run | not run | not run")
         lines.append(f"| {t} | {'—' if acc is None else f'{acc:.3f}'} | {tl['acceptance_rate']:.3f} | {tl['judged']} | "
