@@ -115,3 +115,13 @@ def lora_of_ones(weight: torch.Tensor, name: str = "ones") -> nn.Module:
         for param in ak.adapter_parameters(model, name):
             param.fill_(1.0)
     return model
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run on one thread: on a busy 2-core machine OpenMP's hand-offs cost more than the work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+

@@ -22,14 +22,7 @@ PAIRS = [Completion("What is 2+3?", "5"), Completion("hi", "positive"),
 PROMPTS = ["hi", "hello there friend, how are you doing today?", "x" * 40, "What is 2+3?", "ab cd " * 6]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run on one thread: on a busy 2-core machine OpenMP's hand-offs between threads
-    cost far more than the work (a tiny generation took 2 s on 2 threads, 0.03 s on one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(params=["chat", "base"])

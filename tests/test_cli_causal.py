@@ -21,14 +21,7 @@ INSTRUCTION = "Is the first digit larger? Answer yes or no."
 FAST = ["--max-length", "48", "--batch-size", "4", "--epochs", "2", "--lr", "0.05"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run on one thread: on a busy 2-core machine OpenMP's hand-offs between threads
-    cost far more than the work (a tiny generation took 2 s on 2 threads, 0.03 s on one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,7 @@ SEEDS = ("a", "b", "c", "d", "e")
 LORA = ak.LoRAConfig(r=4, target_modules=["q_proj", "v_proj"])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run on one thread: on a busy 2-core machine OpenMP's hand-offs cost more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture

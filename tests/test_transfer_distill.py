@@ -23,13 +23,7 @@ PAIRS = [(f"{a}+{b}=?", str(a + b)) for a in range(4) for b in range(4)]
 PROMPTS, ANSWERS = [p for p, _ in PAIRS], [a for _, a in PAIRS]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run on one thread: on a busy 2-core machine OpenMP's hand-offs cost more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _with_lora(model, name, seed):

@@ -16,17 +16,11 @@ from adapterkit.train.causal import Completion, Sampling, exact_match, train_com
 from adapterkit.zoo.llm import load_lm
 from adapterkit.zoo.lm_tasks import lm_task
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]  # one_thread: tests/conftest.py
 
 TARGETS = ("q_proj", "v_proj")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def end_to_end(load, tmp_path) -> None:
