@@ -38,7 +38,7 @@ from _provenance import provenance  # noqa: E402
 from _timing import hardware  # noqa: E402
 
 WORK = ROOT / "bench" / "work" / "translora"
-TASKS = ("vader_movies", "vader_tweets", "boolean_expressions", "object_counting")
+TASKS = ("vader_movies", "vader_tweets", "boolean_expressions", "dyck_languages")
 MAIN = ("src_base", "src_lora", "tgt_base", "bundle", "translora", "oracle")
 ABLATIONS = ("unfiltered", "seeds_only", "random", "mmd")
 CROSS = ("cross_shira", "cross_dylora", "cross_lora1bit")

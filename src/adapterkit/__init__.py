@@ -58,7 +58,8 @@ from .core.host import AdaptedModule, ModelHost
 from .core.layers import AdapterLayer, DeltaLayer, ModelLayer, ModuleLayer
 from .methods import BottleneckConfig, DyLoRAConfig, LoRAConfig, MoSAConfig, ShiraConfig
 from .methods import dylora, mosa
-from .methods import sft
+from .methods import ranking, sft
+from .methods.ranking import RankingAdapterConfig
 from .methods.sft import SFTConfig
 from .methods.dylora import RankSweep, rank_sweep, set_rank
 
@@ -119,6 +120,8 @@ __all__ = [
     "ShiraConfig",
     "SFTConfig",
     "sft",
+    "ranking",
+    "RankingAdapterConfig",
     "AdapterTrainer",
     "MoSATrainer",
     "AdaptedModule",

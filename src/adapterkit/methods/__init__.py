@@ -6,5 +6,6 @@ from .dylora import DyLoRAConfig, DyLoRALayer
 from .bottleneck import BottleneckConfig, BottleneckLayer
 from .mosa import MoSAConfig
 from .sft import SFTConfig
+from .ranking import RankingAdapterConfig
 
-__all__ = ["BottleneckConfig", "BottleneckLayer", "MoSAConfig", "DyLoRAConfig", "DyLoRALayer", "LoRAConfig", "LoRALayer", "SFTConfig", "ShiraConfig", "ShiraLayer"]
+__all__ = ["BottleneckConfig", "BottleneckLayer", "MoSAConfig", "RankingAdapterConfig", "DyLoRAConfig", "DyLoRALayer", "LoRAConfig", "LoRALayer", "SFTConfig", "ShiraConfig", "ShiraLayer"]
