@@ -4,6 +4,7 @@ zero-shot cross-lingual reranking pipeline; ``adapterkit fetch-data clir`` build
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -196,7 +197,10 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def fetch_data(args: argparse.Namespace) -> int:
     """``fetch-data [vader]``: the VADER sentences; ``fetch-data clir``: the Debian packages,
-    unpacked and built into the CLIR collections."""
+    unpacked and built into the CLIR collections; ``fetch-data rank``: the photos and cut-outs,
+    built into the two image-ordering tasks."""
+    if getattr(args, "dataset", "vader") == "rank":
+        return fetch_rank()
     if getattr(args, "dataset", "vader") != "clir":
         from .commands import fetch_data as fetch_vader
 
@@ -204,4 +208,25 @@ def fetch_data(args: argparse.Namespace) -> int:
     from ..zoo.clir import fetch_clir
 
     print(f"CLIR data ready: {fetch_clir()}")
+    return 0
+
+
+def fetch_rank() -> int:
+    """``fetch-data rank``: fetch and curate the photos, then build (or find built) both ranking tasks."""
+    from ..zoo.photos import fetch_photos, load_photos
+    from ..zoo.rank_tasks import SPLITS, TASKS, rank_task
+
+    root = fetch_photos()
+    photos = load_photos(root)
+    categories = photos.categories()
+    print(f"photos ready: {root} ({len(photos.photos)} reference photos, {len(photos.cutouts)} cut-outs in "
+          f"{len(categories)} categories: " + ", ".join(f"{c} {len(v)}" for c, v in categories.items()) + ")")
+    for name in TASKS:
+        task = rank_task(name, photos=photos)
+        sizes = ", ".join(f"{split} {len(task.split(split))}" for split in SPLITS)
+        built = json.loads((task.root / "build.json").read_text()).get("seconds", "?")
+        print(f"rank task {name} ready: {task.root} ({len(task)} images: {sizes}; built in {built} s)")
+        if task.heldout:
+            sizes = ", ".join(f"{split} {len(task.split(split, 'heldout'))}" for split in SPLITS)
+            print(f"  held-out categories {', '.join(task.heldout)}: {sizes}")
     return 0

@@ -1,4 +1,4 @@
-"""``adapterkit`` command line: demo, train, eval, rank-sweep, info, fuse, export, fetch-data, clir, transfer.
+"""``adapterkit`` command line: demo, train, eval, rank-sweep, info, fuse, export, fetch-data, clir, transfer, rank.
 
 Errors are printed as one line (no traceback) with exit status 2; ``--debug`` re-raises them.
 """
@@ -90,7 +90,7 @@ def _add_train_args(parser: argparse.ArgumentParser, method: str, selected: Mapp
 def build_parser(selected: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The full parser; ``selected`` chooses the method (``{"method": "shira"}``) and nested config
     classes (``{"base": "lora"}``) whose options ``train`` offers."""
-    from . import causal, clir, commands, demo, info, train, transfer
+    from . import causal, clir, commands, demo, info, rank, train, transfer
 
     selected = dict(selected or {})
     method = selected.get("method", DEFAULT_METHOD)
@@ -154,10 +154,12 @@ def build_parser(selected: Mapping[str, str] | None = None) -> argparse.Argument
     p.add_argument("--ignore-fingerprint", action="store_true", help="load even if the base weights differ")
 
     p = command("fetch-data", clir.fetch_data, help="download data into the local cache (once): the VADER sentences "
-                "from PyPI, or (clir) the Debian man pages and fortunes of the CLIR collections")
-    p.add_argument("dataset", nargs="?", choices=("vader", "clir"), default="vader", help="which data")
+                "from PyPI, (clir) the Debian man pages and fortunes of the CLIR collections, or (rank) Debian "
+                "photos and cut-outs built into the image-ordering tasks")
+    p.add_argument("dataset", nargs="?", choices=("vader", "clir", "rank"), default="vader", help="which data")
     clir.register(sub, command)
     transfer.register(sub, command, method, selected)
+    rank.register(sub, command)
     return parser
 
 

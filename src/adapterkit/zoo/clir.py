@@ -31,14 +31,13 @@ import json
 import random
 import re
 import shutil
-import subprocess
-import sys
+import subprocess  # noqa: F401  (tests patch clir.subprocess.run; the download lives in .debian)
 import time
 from pathlib import Path
 from typing import Iterable
 
 from ..errors import ConfigError, DataNotFoundError
-from . import manpages
+from . import debian, manpages
 from .data import cache_dir
 
 FETCH_COMMAND = "adapterkit fetch-data clir"
@@ -113,34 +112,12 @@ def _need(tool: str) -> None:
 
 
 def _download(debs: Path, packages: Iterable[str], progress: bool = False) -> None:
-    missing = [p for p in packages if not any(debs.glob(f"{p}_*.deb"))]
-    if not missing:
-        return
-    debs.mkdir(parents=True, exist_ok=True)
-    if progress:
-        print(f"apt-get download: {len(missing)} Debian packages into {debs}", file=sys.stderr)
-    done = subprocess.run(["apt-get", "download", *missing], cwd=debs, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["apt-get failed"])[-1]
-        raise DataNotFoundError(f"apt-get download failed ({last}); run: apt-get update && {FETCH_COMMAND}")
+    debian.download(debs, packages, FETCH_COMMAND, progress)
 
 
 def _extract(debs: Path, tree: Path, packages: Iterable[str]) -> dict[str, str]:
     """Unpack each package into ``tree/<package>`` (once); returns each package's version."""
-    versions: dict[str, str] = {}
-    for package in packages:
-        deb = sorted(debs.glob(f"{package}_*.deb"))[-1]
-        fields = subprocess.run(["dpkg-deb", "-f", str(deb), "Version"], capture_output=True, text=True, check=True)
-        versions[package] = fields.stdout.strip()
-        target = tree / package
-        marker = target / ".adapterkit-extracted"
-        if marker.is_file() and marker.read_text() == deb.name:
-            continue
-        shutil.rmtree(target, ignore_errors=True)
-        target.mkdir(parents=True)
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(target)], check=True)
-        marker.write_text(deb.name)
-    return versions
+    return debian.extract(debs, tree, packages)
 
 
 def fetch_clir(directory: Path | None = None, progress: bool = True) -> Path:
