@@ -1,4 +1,4 @@
-"""``adapterkit`` command line: demo, train, eval, rank-sweep, info, fuse, export, fetch-data, clir, transfer.
+"""``adapterkit`` command line: demo, train, eval, rank-sweep, info, fuse, export, fetch-data, clir, transfer, rank.
 
 Errors are printed as one line (no traceback) with exit status 2; ``--debug`` re-raises them.
 """
@@ -90,7 +90,7 @@ def _add_train_args(parser: argparse.ArgumentParser, method: str, selected: Mapp
 def build_parser(selected: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The full parser; ``selected`` chooses the method (``{"method": "shira"}``) and nested config
     classes (``{"base": "lora"}``) whose options ``train`` offers."""
-    from . import causal, clir, commands, demo, info, train, transfer
+    from . import causal, clir, commands, demo, info, rank, train, transfer
 
     selected = dict(selected or {})
     method = selected.get("method", DEFAULT_METHOD)
@@ -159,6 +159,7 @@ def build_parser(selected: Mapping[str, str] | None = None) -> argparse.Argument
     p.add_argument("dataset", nargs="?", choices=("vader", "clir", "rank"), default="vader", help="which data")
     clir.register(sub, command)
     transfer.register(sub, command, method, selected)
+    rank.register(sub, command)
     return parser
 
 
