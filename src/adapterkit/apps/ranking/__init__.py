@@ -14,3 +14,14 @@ __all__ = [
     "TokenCache", "clip_pair", "efficientnet_minilm", "evaluate_ranking", "pools_from_targets", "score_images",
     "train_ranking",
 ]
+from .baselines import (Heuristic, ImageStatistics, compute_statistics, evaluate_scores, heuristic_for,  # noqa: E402
+                        training_items)
+from .baselines_ridge import RidgeProbes, RidgeSettings, fit_ridge_probes, pooled_features  # noqa: E402
+from .baselines_finetune import (FrontSplit, TailBaseline, TailSettings, efficientnet_split, fit_finetune,  # noqa: E402
+                                 fit_lora, front_activations)
+
+__all__ += [
+    "FrontSplit", "Heuristic", "ImageStatistics", "RidgeProbes", "RidgeSettings", "TailBaseline", "TailSettings",
+    "compute_statistics", "efficientnet_split", "evaluate_scores", "fit_finetune", "fit_lora", "fit_ridge_probes",
+    "front_activations", "heuristic_for", "pooled_features", "training_items",
+]
