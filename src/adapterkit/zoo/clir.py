@@ -127,7 +127,7 @@ def fetch_clir(directory: Path | None = None, progress: bool = True) -> Path:
     reused. Raises :class:`DataNotFoundError` where ``apt-get`` cannot be used.
     """
     root = Path(directory) if directory is not None else cache_dir() / "clir"
-    if _complete(root):
+    if debian.built(root, FORMAT_VERSION):
         return root
     for tool in ("apt-get", "dpkg-deb", "groff"):
         _need(tool)
@@ -138,13 +138,6 @@ def fetch_clir(directory: Path | None = None, progress: bool = True) -> Path:
 
 
 # -- building ----------------------------------------------------------------------------------
-def _complete(root: Path) -> bool:
-    try:
-        return json.loads((root / "manifest.json").read_text())["format"] == FORMAT_VERSION
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
 def _choose(pages: list[manpages.Page], priority: tuple[str, ...]) -> dict[str, dict[str, manpages.Page]]:
     """One page per (language, key): complete pages first, then the package earliest in ``priority``."""
     rank = {package: i for i, package in enumerate(priority)}
@@ -299,7 +292,7 @@ def _write_json(path: Path, value: object) -> None:
 # -- loading -----------------------------------------------------------------------------------
 def _root(root: Path | str | None) -> Path:
     path = Path(root) if root is not None else cache_dir() / "clir"
-    if not _complete(path):
+    if not debian.built(path, FORMAT_VERSION):
         raise DataNotFoundError(f"CLIR data not found in {path}; fetch it with: {FETCH_COMMAND}")
     return path
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import json
 import re
 import shutil
 import subprocess
@@ -18,6 +19,14 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import DataNotFoundError
+
+
+def built(root: Path, format_version: int) -> bool:
+    """Whether ``root`` holds a finished build of this format (its ``manifest.json`` is written last)."""
+    try:
+        return json.loads((root / "manifest.json").read_text())["format"] == format_version
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def require(tools: Iterable[str], what: str, fetch_command: str) -> None:

@@ -164,7 +164,7 @@ def fetch_photos(directory: Path | None = None, progress: bool = True) -> Path:
     ``cache_dir()/photos``); returns it. A second call returns at once when the curation is complete.
     Raises :class:`DataNotFoundError` (naming the command to run) where apt-get or dpkg-deb is missing or fails."""
     root = Path(directory) if directory is not None else cache_dir() / "photos"
-    if _complete(root):
+    if debian.built(root, FORMAT_VERSION):
         return root
     debian.require(("apt-get", "dpkg-deb"), "the photos are taken from Debian packages", FETCH_COMMAND)
     debian.download(root / "debs", PACKAGES, FETCH_COMMAND, progress)
@@ -175,13 +175,6 @@ def fetch_photos(directory: Path | None = None, progress: bool = True) -> Path:
     curate(root / "tree", root, versions)
     shutil.rmtree(root / "tree", ignore_errors=True)  # 0.7 GB of unpacked docs; the .deb files stay
     return root
-
-
-def _complete(root: Path) -> bool:
-    try:
-        return json.loads((root / "manifest.json").read_text())["format"] == FORMAT_VERSION
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
 
 
 # -- curation ----------------------------------------------------------------------------------
@@ -356,7 +349,7 @@ def _record(item: Photo | Cutout, root: Path) -> dict[str, object]:
 def load_photos(root: Path | str | None = None) -> PhotoSet:
     """The curated photos and cut-outs (no network); :class:`DataNotFoundError` if not fetched yet."""
     path = Path(root) if root is not None else cache_dir() / "photos"
-    if not _complete(path):
+    if not debian.built(path, FORMAT_VERSION):
         raise DataNotFoundError(f"photos not found in {path}; fetch them with: {FETCH_COMMAND}")
     manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
     photos = tuple(Photo(**{**r, "path": path / r["path"], "shows": tuple(r["shows"])}) for r in manifest["photos"])
