@@ -77,3 +77,13 @@ bench-translora: setup-llm
 	$(TRANSLORA) --tasks object_counting,vader_movies,vader_tweets --cells mmd,unfiltered,seeds_only,random
 	$(TRANSLORA) --tasks dyck_languages,multistep_arithmetic_two --cells src_base,src_lora
 	$(PY) bench/translora_report.py
+
+# Ranking-aware adapter (issue 13): photo tasks from `adapterkit fetch-data rank` (a no-op once built), every
+# row on seed 0 first, then seeds 1 and 2. Cells are cached in bench/work/rank/cells.json: rerun to continue.
+.PHONY: bench-rank
+RANK := $(PY) bench/rank_bench.py
+bench-rank: $(STAMP)
+	$(VENV)/bin/adapterkit fetch-data rank
+	$(RANK) --seeds 0
+	$(RANK) --seeds 1,2
+	$(PY) bench/rank_report.py
