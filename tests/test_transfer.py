@@ -132,6 +132,34 @@ def test_sampler_stops_at_exactly_the_target_when_a_round_overshoots():
     assert len(more.accepted) == 20 and more.calls == 40 and more.acceptance_rate == pytest.approx(20 / 39)
 
 
+class SeededGenerator:
+    """A stub generator whose items depend only on (seed, call): what a resumed run relies on."""
+
+    def __init__(self, per_call=3, universe=40):
+        self.per_call, self.universe, self.calls = per_call, universe, 0
+
+    def propose(self, calls, seed):
+        self.calls += calls
+        return [f"x{(31 * (seed + c) + 7 * j) % self.universe}" for c in range(calls) for j in range(self.per_call)]
+
+
+def test_a_resumed_sampler_gives_exactly_the_uninterrupted_result():
+    judge = Judge({f"x{i}" for i in range(0, 40, 3)})
+    states = []
+    whole = tr.RejectionSampler(SeededGenerator(), judge, 10, calls_per_round=2, exclude=["x0"],
+                                progress=False).run(seed=4, on_round=states.append)
+    assert len(states) >= 3 and all(len(s.accepted) < 10 for s in states)
+    assert [s.calls for s in states] == list(range(2, 2 * len(states) + 1, 2))
+    for state in states:
+        generator = SeededGenerator()
+        again = tr.RejectionSampler(generator, judge, 10, calls_per_round=2, exclude=["x0"],
+                                    progress=False).run(seed=4, resume=state)
+        assert again == whole
+        assert generator.calls == whole.calls - state.calls  # finished rounds are not generated again
+    with pytest.raises(ConfigError, match="resume"):
+        tr.RejectionSampler(SeededGenerator(), judge, 10, progress=False).run(seed=4, resume=whole)
+
+
 def test_sampler_passes_a_new_seed_to_every_round():
     generator = ListGenerator([f"x{i}" for i in range(50)], per_call=1)
     tr.RejectionSampler(generator, Judge({f"x{i}" for i in range(50)}), 10, calls_per_round=3, progress=False).run(seed=5)

@@ -232,6 +232,43 @@ def test_a_crash_in_training_resumes_from_the_labels(parts, tmp_path, monkeypatc
     assert_unchanged(target, before)
 
 
+class _SeededCandidates:
+    """Candidates that depend only on (seed, call), optionally failing at one call: a crash mid-sampling."""
+
+    def __init__(self, crash_at=None):
+        self.crash_at, self.calls = crash_at, 0
+
+    def propose(self, calls, seed):
+        if self.crash_at is not None and self.calls + calls > self.crash_at:
+            raise RuntimeError("power cut")
+        self.calls += calls
+        return [f"cand {(seed + c) % 97}" for c in range(calls)]
+
+
+def test_a_crash_while_sampling_resumes_after_the_last_finished_round(parts, tmp_path, monkeypatch):
+    settings = dataclasses.replace(SETTINGS, filtered=True, calls_per_round=2)
+    judge = parts[2]
+    monkeypatch.setattr(judge, "accept", lambda texts: [int(t.split()[1]) % 2 == 0 for t in texts])
+    clean = _run(parts, tmp_path / "clean", settings=settings, judge=judge, generator=_SeededCandidates())
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="power cut"):
+        _run(parts, out, settings=settings, judge=judge, generator=_SeededCandidates(crash_at=5))
+    partial = json.loads((out / "transfer" / "sample.partial.json").read_text())
+    assert partial["calls"] == 4 and 0 < len(partial["accepted"]) < 6
+    generator = _SeededCandidates()
+    resumed = _run(parts, out, settings=settings, judge=judge, generator=generator)
+    assert resumed.sample == clean.sample and resumed.answers == clean.answers
+    assert generator.calls == clean.sample.calls - 4
+    assert not (out / "transfer" / "sample.partial.json").exists()
+    # a checkpoint left by a run with other inputs is not resumed from
+    other = tmp_path / "other"
+    with pytest.raises(RuntimeError):
+        _run(parts, other, settings=settings, judge=judge, generator=_SeededCandidates(crash_at=3))
+    fresh = _SeededCandidates()
+    _run(parts, other, settings=dataclasses.replace(settings, epochs=1), judge=judge, generator=fresh)
+    assert fresh.calls == clean.sample.calls  # sampled from the start
+
+
 def test_other_settings_or_students_into_the_same_directory_are_refused(parts, tmp_path):
     out, target = tmp_path / "out", parts[3]
     _run(parts, out)

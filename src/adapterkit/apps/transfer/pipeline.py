@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -218,6 +219,7 @@ class Transfer:
                "discriminator": judge and _adapter_digest(judge.model, judge.adapter),
                "target": model_identity(target)}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+        self._claimed = digest
         claim = self.stages / "run.json"
         recorded = read_json(claim).get("sha256") if claim.is_file() else None
         if recorded == digest:
@@ -228,11 +230,29 @@ class Transfer:
         write_json(claim, {"sha256": digest})
 
     def _sample(self, generator: Generator, discriminator: Discriminator | None) -> dict[str, Any]:
+        """The sampling stage, checkpointed after every round (``sample.partial.json``, bound to this
+        run's claim): a crash resumes at the last finished round, with the same result."""
         accept = discriminator.accept if self.settings.filtered else (lambda texts: [True] * len(texts))
         seeds = [s.input for s in self.bundle.seeds]
+        partial = self.stages / "sample.partial.json"
+        resume = None
+        if partial.is_file():
+            saved = read_json(partial)
+            if saved.get("claim") == self._claimed:  # another run's leftovers are ignored
+                resume = SampleResult(tuple(saved["accepted"]), tuple(saved["candidates"]), saved["calls"],
+                                      saved["duplicates"])
+                if self.progress:
+                    print(f"resumed: sampling continues after {resume.calls} generator calls "
+                          f"({len(resume.accepted)} accepted)", file=sys.stderr)
+
+        def checkpoint(state: SampleResult) -> None:
+            write_json(partial, {"claim": self._claimed, "accepted": list(state.accepted),
+                                 "candidates": list(state.candidates), "calls": state.calls, "duplicates": state.duplicates})
+
         result = RejectionSampler(generator, accept, self.settings.target_size, max_calls=self.settings.max_calls,
                                   calls_per_round=self.settings.calls_per_round, exclude=seeds,
-                                  progress=self.progress).run(sample_stream(self.settings.seed))
+                                  progress=self.progress).run(sample_stream(self.settings.seed), resume, checkpoint)
+        partial.unlink(missing_ok=True)
         return {"accepted": list(result.accepted), "candidates": list(result.candidates), "calls": result.calls,
                 "duplicates": result.duplicates, "acceptance_rate": result.acceptance_rate}
 

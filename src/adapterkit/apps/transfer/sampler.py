@@ -48,12 +48,24 @@ class RejectionSampler:
         self.exclude = {dedup_key(t) for t in exclude}
         self.progress = progress
 
-    def run(self, seed: int = 0) -> SampleResult:
+    def run(self, seed: int = 0, resume: SampleResult | None = None,
+            on_round: Callable[[SampleResult], None] | None = None) -> SampleResult:
+        """Sample until ``target_size`` candidates are accepted. ``on_round`` receives the state after
+        every round (to checkpoint it); ``resume`` continues from such a state, from the same
+        generator, discriminator and ``seed``: each round's generator seed is ``seed + calls``, so a
+        resumed run gives exactly what an uninterrupted one would have."""
         seen = set(self.exclude)
         judged: list[str] = []
         accepted: list[str] = []
         calls = duplicates = 0
-        bar = tqdm(total=self.target_size, desc="filter", disable=not self.progress, leave=False, mininterval=1.0)
+        if resume is not None:
+            if not set(resume.accepted) <= set(resume.candidates) or len(resume.accepted) >= self.target_size:
+                raise ConfigError("the state to resume from is not an unfinished run of this sampler")
+            judged, accepted = list(resume.candidates), list(resume.accepted)
+            calls, duplicates = resume.calls, resume.duplicates
+            seen |= {dedup_key(t) for t in judged}  # every candidate of a finished round was judged
+        bar = tqdm(total=self.target_size, initial=len(accepted), desc="filter", disable=not self.progress, leave=False,
+                   mininterval=1.0)
         try:
             while len(accepted) < self.target_size:
                 if calls >= self.max_calls:
@@ -83,6 +95,8 @@ class RejectionSampler:
                         accepted.append(text)
                         bar.update(1)
                 bar.set_postfix(acceptance=f"{len(accepted) / max(1, len(judged)):.2f}", calls=calls)
+                if on_round is not None and len(accepted) < self.target_size:
+                    on_round(SampleResult(tuple(accepted), tuple(judged), calls, duplicates))
         finally:
             bar.close()
         return SampleResult(tuple(accepted), tuple(judged), calls, duplicates)
