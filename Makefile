@@ -71,11 +71,13 @@ clean:
 # Every cell is cached in bench/work/translora/cells.json when it finishes: rerun to continue.
 TRANSLORA := $(PY) bench/translora_bench.py
 bench-translora: setup-llm
-	$(TRANSLORA) --speed --tasks boolean_expressions,object_counting,vader_movies,vader_tweets \
+	$(TRANSLORA) --tasks boolean_expressions,object_counting,multistep_arithmetic_two,dyck_languages \
+		--cells src_base,src_lora,tgt_base
+	$(TRANSLORA) --speed --tasks boolean_expressions,dyck_languages,vader_tweets,vader_movies \
 		--cells src_base,src_lora,tgt_base,bundle,translora,oracle
 	$(TRANSLORA) --tasks boolean_expressions --cells unfiltered,seeds_only,random,mmd,cross_shira,cross_lora1bit,cross_dylora,cont_smol_shira,cont_gemma
-	$(TRANSLORA) --tasks object_counting,vader_movies,vader_tweets --cells mmd,unfiltered,seeds_only,random
-	$(TRANSLORA) --tasks dyck_languages,multistep_arithmetic_two --cells src_base,src_lora
+	$(TRANSLORA) --tasks dyck_languages,vader_tweets,vader_movies --cells mmd,unfiltered,seeds_only,random
+	$(TRANSLORA) --seeds 1 --tasks boolean_expressions,dyck_languages --cells src_lora,bundle,translora,oracle
 	$(PY) bench/translora_report.py
 
 # Ranking-aware adapter (issue 13): photo tasks from `adapterkit fetch-data rank` (a no-op once built), every
