@@ -31,10 +31,11 @@ def test_every_batch_holds_one_instruction_and_the_negative_share_relabelled():
     seen = Counter()
     for batch in batches:
         pool = by_name[batch.instruction]
-        positives, negatives = batch.indices[:len(batch.indices) - batch.negatives], batch.indices[-batch.negatives:]
-        assert batch.negatives == 2 and len(batch.indices) <= 10
+        cut = len(batch.indices) - batch.negatives
+        positives, negatives = batch.indices[:cut], batch.indices[cut:]
+        assert batch.negatives == min(2, round(len(positives) * 0.25)) and len(batch.indices) <= 10  # 20 % share
         assert set(negatives.tolist()) <= set(pool.negatives)  # from other pools, target relabelled to 0
-        assert torch.equal(batch.targets[-2:], torch.zeros(2))
+        assert torch.equal(batch.targets[cut:], torch.zeros(batch.negatives))
         assert all(batch.targets[k].item() == pool.targets[pool.positives.index(i)] >= 1
                    for k, i in enumerate(positives.tolist()))
         seen.update((batch.instruction, i) for i in positives.tolist())
@@ -63,6 +64,9 @@ def test_pools_without_min_positive_rank_every_image_and_use_no_negatives():
 def test_bad_sampler_settings_raise(bad):
     with pytest.raises(ak.ConfigError):
         InstructionBatches(**{"pools": _pools(), **bad})
+
+
+def test_a_pool_of_one_image_is_refused():
     with pytest.raises(ak.ConfigError):
         InstructionPool("x", (1,), (1.0,))  # one image cannot be ranked
 
@@ -101,6 +105,26 @@ def test_bad_training_inputs_raise_before_any_step():
         train_ranking(model, "rank", images, {"A": texts["A"]}, train, progress=False)
     with pytest.raises(ak.ConfigError, match="refers to image"):
         train_ranking(model, "rank", images[:50], texts, train, progress=False)
+    with pytest.raises(ak.ConfigError, match="width"):
+        train_ranking(model, "rank", images[..., :8], texts, train, progress=False)
+    bad_pool = [InstructionPool("A", (-1, 3), (0.0, 1.0))]
+    with pytest.raises(ak.ConfigError, match="refers to image"):
+        train_ranking(model, "rank", images, texts, bad_pool, progress=False)
+    for bad in (dict(epochs=0), dict(lr=-1.0), dict(batch_size=1.5)):
+        with pytest.raises(ak.ConfigError):
+            RankingTrainSettings(**bad)
     with pytest.raises(ak.ConfigError):
         InstructionTokens(torch.zeros(3, 10), torch.zeros(3, dtype=torch.bool))
     assert_unchanged(model, before)
+
+
+def test_attach_ranking_seeds_the_initial_weights_and_leaves_the_callers_rng():
+    from adapterkit.apps.ranking.train import attach_ranking
+
+    state = torch.random.get_rng_state()
+    a = attach_ranking(TinyEncoders(), RankingAdapterConfig(**SMALL), "rank", seed=3)
+    b = attach_ranking(TinyEncoders(), RankingAdapterConfig(**SMALL), "rank", seed=3)
+    c = attach_ranking(TinyEncoders(), RankingAdapterConfig(**SMALL), "rank", seed=4)
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values()))

@@ -30,9 +30,10 @@ class TinyEncoders(nn.Module):
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
-        torch.manual_seed(seed)
-        self.image = nn.Linear(6, self.image_token_dim)
-        self.text = nn.Embedding(20, self.text_token_dim)
+        with torch.random.fork_rng(devices=[]):  # the other tests' RNG stays as it was
+            torch.manual_seed(seed)
+            self.image = nn.Linear(6, self.image_token_dim)
+            self.text = nn.Embedding(20, self.text_token_dim)
         self.requires_grad_(False)
 
 
@@ -45,8 +46,9 @@ def _tokens(n: int = 5, p: int = 7, seed: int = 0) -> tuple[torch.Tensor, torch.
 
 
 def _adapter(**overrides) -> RankingAdapter:
-    torch.manual_seed(0)
-    return RankingAdapter(RankingAdapterConfig(**{**SMALL, **overrides}), 12, 10).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return RankingAdapter(RankingAdapterConfig(**{**SMALL, **overrides}), 12, 10).eval()
 
 
 def test_pair_difference_is_exactly_antisymmetric_with_a_zero_diagonal():
@@ -165,6 +167,9 @@ def test_metrics_strict_pairs_and_the_official_offset_variant():
     assert math.isclose(m.mae, np.abs(s - y).mean())
     averaged = mean_metrics({"a": m, "b": ordering_metrics(y, y)})
     assert math.isclose(averaged["srcc"], (m.srcc + 1.0) / 2)
+    collapsed = ordering_metrics([0.5] * 12, y)  # a collapsed model scores as chance, not NaN
+    assert (collapsed.srcc, collapsed.kendall, collapsed.pairwise) == (0.0, 0.0, 0.5)
+    assert math.isnan(ordering_metrics(s, [2.0] * 12).srcc)  # nothing to order
     with pytest.raises(ak.ConfigError):
         ordering_metrics([1.0, 2.0], [1.0])
 
@@ -223,8 +228,7 @@ def _synthetic(n: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]
 
 
 def test_the_adapter_learns_both_instructions_from_one_set_of_weights():
-    torch.manual_seed(0)
-    adapter = RankingAdapter(RankingAdapterConfig(**SMALL), 12, 10)
+    adapter = _adapter().train()
     g = torch.Generator().manual_seed(5)
     texts = {"A": torch.randn(4, 10, generator=g), "B": torch.randn(4, 10, generator=g)}
     train_x, train_y = _synthetic(256, seed=1)

@@ -77,16 +77,20 @@ class OrderingMetrics:
 
 
 def ordering_metrics(scores: Sequence[float], targets: Sequence[float]) -> OrderingMetrics:
-    """SRCC, PLCC, Kendall τ-b, strict pairwise accuracy and MAE of one instruction's scores
-    (correlations are NaN when either side is constant)."""
+    """SRCC, PLCC, Kendall τ-b, strict pairwise accuracy and MAE of one instruction's scores.
+    Constant scores on varying targets order nothing: their correlations are 0 (a collapsed model
+    scores as chance, it is not dropped from averages); with constant targets they are NaN."""
     s, y = _arrays(scores, targets)
-    constant = np.ptp(s) == 0 or np.ptp(y) == 0
-    nan = float("nan")
-    return OrderingMetrics(
-        srcc=nan if constant else _correlation(stats.spearmanr(s, y).statistic),
-        plcc=nan if constant else _correlation(stats.pearsonr(s, y).statistic),
-        kendall=nan if constant else _correlation(stats.kendalltau(s, y).statistic),
-        pairwise=pairwise_accuracy(s, y), mae=float(np.mean(np.abs(s - y))), n=int(s.size))
+    if np.ptp(y) == 0:
+        srcc = plcc = kendall = float("nan")
+    elif np.ptp(s) == 0:
+        srcc = plcc = kendall = 0.0
+    else:
+        srcc = _correlation(stats.spearmanr(s, y).statistic)
+        plcc = _correlation(stats.pearsonr(s, y).statistic)
+        kendall = _correlation(stats.kendalltau(s, y).statistic)
+    return OrderingMetrics(srcc=srcc, plcc=plcc, kendall=kendall, pairwise=pairwise_accuracy(s, y),
+                           mae=float(np.mean(np.abs(s - y))), n=int(s.size))
 
 
 def mean_metrics(per_instruction: Mapping[str, OrderingMetrics]) -> dict[str, float]:

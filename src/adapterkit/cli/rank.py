@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -117,6 +116,7 @@ def run_train(args: argparse.Namespace) -> int:
     import adapterkit as ak
     from ..apps.ranking import RankingTrainSettings, efficientnet_minilm, evaluate_ranking, train_ranking
     from ..apps.ranking.data import MIN_POSITIVE, ranking_data
+    from ..apps.ranking.train import attach_ranking
 
     config = build_config(RankingAdapterConfig, args)
     settings = RankingTrainSettings(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
@@ -128,7 +128,7 @@ def run_train(args: argparse.Namespace) -> int:
     cache = _cache(args, encoders, cache_settings)
     train_data, val_data = ranking_data(train, cache), ranking_data(val, cache)
     config = dataclasses.replace(config, image_dim=cache.token_dim, text_dim=encoders.text_token_dim)
-    ak.attach(encoders, config, NAME)
+    attach_ranking(encoders, config, NAME, seed=args.seed)
     losses = train_ranking(encoders, NAME, train_data.images, train_data.texts,
                            train_data.train_pools(MIN_POSITIVE.get(task.name)), settings)
     metrics = evaluate_ranking(encoders, NAME, val_data.images, val_data.texts, val_data.eval_pools())
@@ -145,7 +145,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from ..apps.ranking import evaluate_ranking
-    from ..apps.ranking.data import ranking_data
+    from ..apps.ranking.data import MIN_POSITIVE, ranking_data
 
     adapter = Path(args.adapter)
     _sidecar(adapter)
@@ -154,8 +154,14 @@ def run_eval(args: argparse.Namespace) -> int:
     data = ranking_data(split, cache)
     metrics = evaluate_ranking(encoders, NAME, data.images, data.texts, data.eval_pools())
     print(f"{args.split} ({len(split)} images):\n{_table(metrics)}")
+    result = {"all": {k: m.as_dict() for k, m in metrics.items()}}
+    least = MIN_POSITIVE.get(split.name)
+    if least is not None:
+        present = evaluate_ranking(encoders, NAME, data.images, data.texts, data.eval_pools(least))
+        print(f"\n{args.split}, only the images that show the object:\n{_table(present)}")
+        result["present"] = {k: m.as_dict() for k, m in present.items()}
     if args.json:
-        Path(args.json).write_text(json.dumps({k: m.as_dict() for k, m in metrics.items()}, indent=1))
+        write_json(Path(args.json), result)
     return 0
 
 

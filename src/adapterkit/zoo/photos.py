@@ -29,12 +29,14 @@ dependency here).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Iterator
 
 from PIL import Image
 
@@ -44,7 +46,7 @@ from .data import cache_dir
 from .manpages import copyright_text
 
 FETCH_COMMAND = "adapterkit fetch-data rank"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: aero3 dropped (a second view of aero1's scene); stuff shows a coin, building cars
 REFERENCE_SIDE = 512  # stored short side: large enough for 224-px crops at several scales
 MIN_SIDE = 256
 CUTOUT_MAX_SIDE = 256
@@ -68,7 +70,7 @@ class PhotoSource:
 
 PHOTO_SOURCES = (
     PhotoSource("opencv-doc", "opencv", "usr/share/doc/opencv-doc/examples/data", "samples/data", (
-        "aero1.jpg", "aero3.jpg", "aloeL.jpg", "apple.jpg", "baboon.jpg", "board.jpg", "building.jpg",
+        "aero1.jpg", "aloeL.jpg", "apple.jpg", "baboon.jpg", "board.jpg", "building.jpg",
         "butterfly.jpg", "chicky_512.png", "ela_original.jpg", "fruits.jpg", "graf1.png", "home.jpg", "left.jpg",
         "leuvenA.jpg", "messi5.jpg", "orange.jpg", "rubberwhale1.png", "squirrel_cls.jpg", "stuff.jpg")),
     PhotoSource("lomiri-wallpapers-16.04", "lomiri", "usr/share/backgrounds", "16.04", (
@@ -106,7 +108,7 @@ CATEGORY_WORDS: dict[str, tuple[str, ...]] = {
 #: show flowers everywhere.
 SHOWS: dict[str, tuple[str, ...]] = {
     "opencv:apple": ("apple",), "opencv:orange": ("orange",), "opencv:fruits": ("orange", "lemon"),
-    "opencv:messi5": ("ball",),
+    "opencv:messi5": ("ball",), "opencv:stuff": ("coin",), "opencv:building": ("car",),
 }
 _WORD_TO_CATEGORY = {word: cat for cat, words in CATEGORY_WORDS.items() for word in (cat, *words)}
 
@@ -203,11 +205,21 @@ def _largest_landscape(images: Path) -> Path | None:
     return max(sizes)[2] if sizes else None
 
 
+@contextlib.contextmanager
+def _large_images_allowed() -> Iterator[None]:
+    """PIL's decompression-bomb limit off while the packaged 5120×2880 wallpapers open (restored after)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
 def _reference(path: Path) -> tuple[Image.Image | None, str]:
     """The photo, downscaled to short side :data:`REFERENCE_SIDE` where larger, or None and why not."""
-    Image.MAX_IMAGE_PIXELS = None  # 5120×2880 wallpapers are legitimate
     try:
-        with Image.open(path) as image:
+        with _large_images_allowed(), Image.open(path) as image:
             image.draft("RGB", (REFERENCE_SIDE * 2, REFERENCE_SIDE * 2))  # JPEG: decode at reduced scale
             if image.mode in ("L", "LA", "I", "I;16", "1"):
                 return None, f"greyscale ({image.mode})"

@@ -155,7 +155,7 @@ class TailSettings:
         check_common(self.negative_ratio, self.seed)
 
 
-class RegressionHead(nn.Module):
+class PooledLinearHead(nn.Module):
     """Mean over the spatial positions (N, C, H, W) or tokens (N, P, D), then a linear score (N,)."""
 
     def __init__(self, features: int) -> None:
@@ -174,7 +174,7 @@ class TailBaseline:
 
     kind: str
     tails: dict[str, nn.Module]
-    heads: dict[str, RegressionHead]
+    heads: dict[str, PooledLinearHead]
     adapters: dict[str, str]
     trainable_params: dict[str, int]
     train_seconds: float
@@ -215,10 +215,10 @@ def _features(tail: nn.Module, activations: Tensor) -> int:
     return int(out.shape[1] if out.dim() == 4 else out.shape[2])
 
 
-def _new_head(tail: nn.Module, features: int, targets: np.ndarray, seed: int) -> RegressionHead:
+def _new_head(tail: nn.Module, features: int, targets: np.ndarray, seed: int) -> PooledLinearHead:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        head = RegressionHead(features)
+        head = PooledLinearHead(features)
     with torch.no_grad():
         head.linear.bias.fill_(float(targets.mean()))  # start at the mean target: the regression loss starts small
     return head.to(next(tail.parameters()).device)
@@ -233,7 +233,7 @@ def pair_loss(scores: Tensor, targets: Tensor) -> Tensor:
     return F.softplus(-(scores[:, None] - scores[None, :])[above]).mean()
 
 
-def _train(tail: nn.Module, head: RegressionHead, groups: list[dict], activations: Tensor, items: TrainingItems,
+def _train(tail: nn.Module, head: PooledLinearHead, groups: list[dict], activations: Tensor, items: TrainingItems,
            settings: TailSettings, seed: int, desc: str, progress: bool) -> list[float]:
     optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
     device = next(head.parameters()).device
@@ -316,5 +316,5 @@ def fit_lora(split: FrontSplit, activations: Tensor, pools: Sequence[Instruction
                         time.perf_counter() - start, losses)
 
 
-__all__ = ["EFFICIENTNET_LORA_TARGETS", "FrontSplit", "RegressionHead", "TailBaseline", "TailSettings",
+__all__ = ["EFFICIENTNET_LORA_TARGETS", "FrontSplit", "PooledLinearHead", "TailBaseline", "TailSettings",
            "efficientnet_split", "fit_finetune", "fit_lora", "front_activations", "pair_loss"]

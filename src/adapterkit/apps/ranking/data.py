@@ -30,9 +30,12 @@ class RankingData:
         """Pools for training (with relabelled negatives when ``min_positive`` is given)."""
         return pools_from_targets({k: dict(enumerate(v)) for k, v in self.targets.items()}, min_positive=min_positive)
 
-    def eval_pools(self) -> list[InstructionPool]:
-        """Every image of the split under every instruction (targets as they are, zeros included)."""
-        return pools_from_targets({k: dict(enumerate(v)) for k, v in self.targets.items()})
+    def eval_pools(self, min_target: float | None = None) -> list[InstructionPool]:
+        """Every image of the split under every instruction (targets as they are, zeros included), or
+        only those with a target of at least ``min_target`` (counting: the images that show the
+        object — over all images, a count's order is mostly "present or not")."""
+        kept = {k: {i: t for i, t in enumerate(v) if min_target is None or t >= min_target} for k, v in self.targets.items()}
+        return pools_from_targets({k: v for k, v in kept.items() if len(v) >= 2})
 
 
 def ranking_data(task: RankTask, cache: TokenCache) -> RankingData:

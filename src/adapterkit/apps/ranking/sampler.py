@@ -51,7 +51,8 @@ class RankBatch:
 class InstructionBatches:
     """An epoch of batches: every instruction's positives shuffled and cut into batches of
     ``batch_size − round(batch_size · negative_ratio)`` positives, each filled up with negatives
-    drawn from that instruction's pool; batches of all instructions in a shuffled order.
+    drawn from that instruction's pool (a short last chunk gets the same share, and a last chunk of a
+    single positive is left out: one image ranks nothing); batches of all instructions in a shuffled order.
     Deterministic per ``seed`` and epoch (:meth:`epoch`); no global random state is touched."""
 
     def __init__(self, pools: Sequence[InstructionPool], batch_size: int = 16, negative_ratio: float = 0.2,
@@ -82,7 +83,8 @@ class InstructionBatches:
                 chunk = order[start:start + width]
                 if len(chunk) < 2 or (self.drop_last and len(chunk) < width):
                     continue
-                negatives = rng.sample(pool.negatives, k) if k else []
+                share = min(k, round(len(chunk) * self.negative_ratio / (1 - self.negative_ratio)))  # a short last chunk
+                negatives = rng.sample(pool.negatives, share) if share else []
                 indices = [pool.positives[i] for i in chunk] + negatives
                 targets = [pool.targets[i] for i in chunk] + [pool.negative_target] * len(negatives)
                 batches.append(RankBatch(pool.instruction, torch.tensor(indices, dtype=torch.long),

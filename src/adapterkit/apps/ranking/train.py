@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -14,7 +14,8 @@ from ...core.config import AdapterConfig
 from ...core.state import get_state
 from ...core.steps import step
 from ...errors import ConfigError
-from ...methods.ranking import RankingAdapterConfig, ranking_layer, ranking_loss
+from ...core.api import attach
+from ...methods.ranking import RankingAdapterConfig, RankingLayer, ranking_layer, ranking_loss
 from .sampler import InstructionBatches, InstructionPool
 
 
@@ -44,6 +45,16 @@ class RankingTrainSettings:
     negative_ratio: float = 0.2
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "seed" else 1):
+                raise ConfigError(f"{name} must be an integer >= {0 if name == 'seed' else 1}, got {value!r}")
+        for name in ("lr", "weight_decay"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= (0 if name == "weight_decay" else 1e-12):
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
+
 
 def _config(model: nn.Module, name: str) -> RankingAdapterConfig:
     config: AdapterConfig = get_state(model).record(name).config
@@ -51,15 +62,40 @@ def _config(model: nn.Module, name: str) -> RankingAdapterConfig:
     return config
 
 
-def _check_inputs(images: Tensor, texts: Mapping[str, InstructionTokens], pools: Sequence[InstructionPool]) -> None:
+def _check_inputs(model: nn.Module, name: str, images: Tensor, texts: Mapping[str, InstructionTokens],
+                  pools: Sequence[InstructionPool]) -> None:
+    """Everything a step would trip over, as a :class:`ConfigError` before the first step."""
     if images.dim() != 3:
         raise ConfigError(f"image tokens must be (N, P, D), got {tuple(images.shape)}")
+    if not pools:
+        raise ConfigError("no instruction pools")
     missing = sorted({p.instruction for p in pools} - set(texts))
     if missing:
         raise ConfigError(f"no text tokens for instructions {missing}")
-    largest = max(max(p.positives + p.negatives) for p in pools)
-    if largest >= images.shape[0]:
-        raise ConfigError(f"a pool refers to image {largest}, but there are {images.shape[0]} images")
+    indices = [i for p in pools for i in p.positives + p.negatives]
+    if min(indices) < 0 or max(indices) >= images.shape[0]:
+        raise ConfigError(f"a pool refers to image {max(indices) if max(indices) >= 0 else min(indices)}, "
+                          f"but there are {images.shape[0]} images")
+    encoder = ranking_layer(model, name).adapter.encoder
+    widths = {"image": (images.shape[-1], encoder.image_in[0].in_features)}
+    widths.update({f"text {k!r}": (t.tokens.shape[-1], encoder.text_in[0].in_features) for k, t in texts.items()})
+    for what, (given, needed) in widths.items():
+        if given != needed:
+            raise ConfigError(f"{what} tokens have width {given}; the adapter was built for {needed}")
+
+
+def _forked_rng(layer: nn.Module) -> Any:
+    """The caller's RNG streams (CPU, and the layer's CUDA device) are put back afterwards."""
+    device = next(layer.parameters()).device
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+def attach_ranking(model: nn.Module, config: RankingAdapterConfig, name: str, seed: int = 0) -> RankingLayer:
+    """Attach a ranking adapter whose initial weights come from ``seed`` (the caller's RNG is left alone)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        attach(model, config, name)
+    return ranking_layer(model, name)
 
 
 def train_ranking(model: nn.Module, name: str, images: Tensor, texts: Mapping[str, InstructionTokens],
@@ -67,7 +103,7 @@ def train_ranking(model: nn.Module, name: str, images: Tensor, texts: Mapping[st
                   progress: bool = True) -> list[float]:
     """Train the ranking adapter ``name`` of ``model`` on image tokens ``images`` (N, P, D), one
     instruction per batch (``pools``); returns the loss of every step. Only the adapter trains."""
-    _check_inputs(images, texts, pools)
+    _check_inputs(model, name, images, texts, pools)
     config = _config(model, name)
     layer = ranking_layer(model, name)
     batches = InstructionBatches(pools, settings.batch_size, settings.negative_ratio, settings.seed)
@@ -79,7 +115,7 @@ def train_ranking(model: nn.Module, name: str, images: Tensor, texts: Mapping[st
     layer.train()
     bar = tqdm(total=settings.epochs * len(batches), desc="rank train", disable=not progress, mininterval=1.0)
     try:
-        with torch.random.fork_rng(devices=[]):  # dropout draws from its own seed; the caller's RNG is left alone
+        with _forked_rng(layer):  # dropout draws from its own seed; the caller's RNG is left alone (not thread-safe)
             torch.manual_seed(settings.seed)
             for batch in (b for epoch in range(settings.epochs) for b in batches.epoch(epoch)):
                 text = texts[batch.instruction]
@@ -119,7 +155,7 @@ def score_images(model: nn.Module, name: str, images: Tensor, text: InstructionT
 def evaluate_ranking(model: nn.Module, name: str, images: Tensor, texts: Mapping[str, InstructionTokens],
                      pools: Sequence[InstructionPool]) -> dict[str, OrderingMetrics]:
     """Per-instruction ordering metrics over each pool's positives (its evaluation images)."""
-    _check_inputs(images, texts, pools)
+    _check_inputs(model, name, images, texts, pools)
     out = {}
     for pool in pools:
         indices = torch.tensor(pool.positives, dtype=torch.long)
