@@ -6,16 +6,21 @@ split, one instruction per category) and ``counting_heldout`` (Task B, scheme "h
 instructions are category words never seen in training; rows that need one model per instruction
 cannot exist there and are skipped). Every learned row trains on the train split, ``--epochs`` passes,
 and is scored on the test split: SRCC, PLCC, Kendall τ, strict pairwise accuracy and MAE per
-instruction, averaged per task; seeds give mean ± std in bench/rank_report.py.
+instruction, averaged per task. Counting is scored twice: over every test image ("all": mostly whether
+the object is there at all) and over the images that show it (count ≥ 1, "present": the headline).
+Seeds vary the model initialisation and batch order only; each task is one fixed build and split
+(rank_task's seed 0). bench/rank_report.py gives mean ± std over seeds.
 
 ``pair_cost``: forward+backward time of the ranking-aware attention (the library's factorised softmax)
-against a naive version written here that materialises the joint softmax over N²·2P tokens (a
+against a naive version (bench/rank_pair_cost.py) that materialises the joint softmax over N²·2P tokens (a
 yardstick only), plus a whole adapter training step with and without the pair branch, for N in
-``--pair-sizes``; the largest intermediates are counted analytically.
+``--pair-sizes``; memory is measured (peak of the profiler's allocation events, and the bytes autograd
+saves for backward) and the largest intermediates are also counted analytically.
 
 Every cell is cached in ``<work>/cells.json`` (default bench/work/rank) the moment it finishes, so an
-interrupted run resumes; image/text tokens are cached on disk under ``<work>/tokens`` (TokenCache) and
-the fine-tuning baselines' frozen front activations under ``<work>/fronts``.
+interrupted run resumes; the work dir's run record (settings, task manifest hashes) refuses a resume
+with other settings or a rebuilt task. Image/text tokens are cached under ``<work>/tokens`` (TokenCache)
+and the fine-tuning baselines' frozen front activations under ``<work>/fronts`` (with a digest).
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,16 +42,19 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import adapterkit as ak  # noqa: E402
 from adapterkit.analysis.ranking_metrics import OrderingMetrics, mean_metrics  # noqa: E402
-from adapterkit.apps.ranking import (InstructionTokens, RankingTrainSettings, RidgeSettings, TailSettings,  # noqa: E402
-                                     TokenCache, compute_statistics, efficientnet_minilm, efficientnet_split,
-                                     evaluate_ranking, evaluate_scores, fit_finetune, fit_lora, fit_ridge_probes,
-                                     front_activations, heuristic_for, train_ranking)
+from adapterkit.apps.ranking import (InstructionBatches, InstructionTokens, RankingTrainSettings,  # noqa: E402
+                                     RidgeSettings, TailSettings, TokenCache, attach_ranking, compute_statistics,
+                                     efficientnet_minilm, efficientnet_split, evaluate_ranking, evaluate_scores,
+                                     fit_finetune, fit_lora, fit_ridge_probes, front_activations, heuristic_for,
+                                     train_ranking)
 from adapterkit.apps.ranking.data import MIN_POSITIVE, RankingData, ranking_data  # noqa: E402
-from adapterkit.methods.ranking import (RankingAdapter, RankingAdapterConfig, RankingAwareAttention,  # noqa: E402
-                                        ranking_layer, ranking_loss)
+from adapterkit.errors import AdapterError  # noqa: E402
+from adapterkit.io.safefiles import read_metadata, read_tensors, write_tensors  # noqa: E402
+from adapterkit.methods.ranking import RankingAdapterConfig  # noqa: E402
 from adapterkit.zoo.rank_tasks import RankTask, rank_task  # noqa: E402
 from _provenance import provenance  # noqa: E402
-from _timing import hardware, timed  # noqa: E402
+from _timing import hardware  # noqa: E402
+from rank_pair_cost import pair_cost  # noqa: E402
 
 TASKS = {"quality": ("quality", "default"), "counting": ("counting", "default"),
          "counting_heldout": ("counting", "heldout")}
@@ -59,6 +66,8 @@ ROWS = ("adapter", "heuristic", "ridge_agnostic", "ridge_oracle", "finetune", "l
 PER_INSTRUCTION = ("ridge_oracle", "finetune", "lora")  # one model per instruction: none for unseen words
 CONSTANT_TEXT = "Sort the images."
 NAME = "rank"
+FORMAT = 2  # cells.json layout: 2 = per-view metrics ("all" / "present") and a run record
+RECORDED = ("epochs", "batch_size", "tail_blocks", "threads", "pair_sizes", "pair_repeats")  # settings a cell depends on
 
 
 def log(message: str) -> None:
@@ -75,7 +84,8 @@ class TaskData:
     test: RankingData
     paths: dict[str, list[Path]]
     attributes: dict[str, str]  # instruction text -> attribute / category word
-    min_positive: float | None
+    min_positive: float | None  # counting: 1 (an image shows the object); None: every image is a positive
+    manifest: str  # sha256 of the task build's manifest.json
 
     @property
     def train_pools(self) -> list:
@@ -86,8 +96,16 @@ class TaskData:
         return self.val.eval_pools()
 
     @property
-    def test_pools(self) -> list:
-        return self.test.eval_pools()
+    def test_views(self) -> dict[str, list]:
+        """Test pools per view: "all" images, and for counting also "present" (count ≥ 1), the headline."""
+        views = {"all": self.test.eval_pools()}
+        if self.min_positive is not None:
+            views["present"] = self.test.eval_pools(self.min_positive)
+        return views
+
+    @property
+    def headline(self) -> str:
+        return "present" if self.min_positive is not None else "all"
 
 
 @dataclasses.dataclass
@@ -117,27 +135,20 @@ def limited(splits: dict[str, RankTask], limit: int | None, min_positive: float 
             for s, t in cut.items()}
 
 
-def metrics_record(data: TaskData, metrics: dict[str, OrderingMetrics]) -> dict[str, Any]:
-    """Per-instruction metrics keyed by attribute word, and their mean (NaN means: constant scores)."""
-    if not metrics:
-        return {"per_instruction": {}, "mean": {}}
-    return {"per_instruction": {data.attributes[k]: m.as_dict() for k, m in metrics.items()},
-            "mean": mean_metrics(metrics)}
+def metrics_record(data: TaskData, evaluate: Callable[[list], dict[str, OrderingMetrics]]) -> dict[str, Any]:
+    """``evaluate(pools)`` on every test view: per-instruction metrics keyed by attribute word, their
+    mean (NaN means: constant scores or targets) and each instruction's image count."""
+    views = {}
+    for view, pools in data.test_views.items():
+        metrics = evaluate(pools)
+        views[view] = {"per_instruction": {data.attributes[k]: m.as_dict() for k, m in metrics.items()},
+                       "mean": mean_metrics(metrics) if metrics else {},
+                       "images": {data.attributes[p.instruction]: len(p.positives) for p in pools}}
+    return {"views": views, "headline": data.headline}
 
 
-def naive_pair_logits(att: RankingAwareAttention, tokens: torch.Tensor) -> torch.Tensor:
-    """The pair branch with the joint softmax over both images' 2P tokens materialised for every
-    ordered pair (N, N, H, 2P, dh): the textbook form, to measure what the factorisation saves."""
-    split = lambda x: x.unflatten(-1, (att.heads, -1)).transpose(-3, -2)  # noqa: E731 (..., L, w) -> (..., H, L, dh)
-    queries = split(att.q_norm(att.q_proj(att.queries)))  # (H, M, dh)
-    values = split(att.kv_norm(att.kv_proj(tokens)))  # (N, H, P, dh)
-    n, h, p, dh = values.shape
-    joint = torch.cat([values.unsqueeze(1).expand(n, n, h, p, dh), values.unsqueeze(0).expand(n, n, h, p, dh)], dim=3)
-    weights = torch.softmax(torch.einsum("hmd,ijhpd->ijhmp", queries, joint) / math.sqrt(dh), dim=-1)
-    merge = lambda x: x.transpose(-3, -2).flatten(-2)  # noqa: E731 (N, N, M, width)
-    first, second = merge(weights[..., :p] @ joint[..., :p, :]), merge(weights[..., p:] @ joint[..., p:, :])
-    pair = first - second if att.combine == "subtract" else torch.cat([first, second], dim=-1)
-    return att.head(att.out_proj(pair).sum(dim=2)).squeeze(-1)
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class Bench:
@@ -153,6 +164,7 @@ class Bench:
         self._data: dict[str, TaskData] = {}
         self._fronts: dict[str, Fronts] = {}
         self._ridge: dict[tuple[str, int], Any] = {}
+        self.check_record()
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def save(self) -> None:
@@ -162,7 +174,29 @@ class Bench:
         tmp.replace(self.cells_path)
 
     def settings(self) -> dict[str, Any]:
-        return {k: getattr(self.args, k) for k in ("epochs", "batch_size", "threads", "limit")}
+        return {k: getattr(self.args, k) for k in (*RECORDED, "limit")}
+
+    def check_record(self) -> None:
+        """Cells of one work dir share one set of settings: refuse to resume into a dir made otherwise
+        (``--limit`` is part of every cell key, so smoke cells sit apart from the full run's)."""
+        wanted = {"format": FORMAT, **{k: getattr(self.args, k) for k in RECORDED}}
+        meta = self.cells.setdefault("_meta", {"provenance": provenance(), "hardware": hardware(), "runs": []})
+        record = meta.setdefault("record", None if set(self.cells) - {"_meta", "caching"} else {**wanted, "manifests": {}})
+        if record is None:
+            raise SystemExit(f"{self.cells_path}: made by an earlier version of this benchmark (no run record); "
+                             "its cells cannot be checked against these settings: use a new --work")
+        differ = {k: (record.get(k), v) for k, v in wanted.items() if record.get(k) != v}
+        if differ:
+            raise SystemExit(f"{self.cells_path}: made with other settings than this run's ("
+                             + ", ".join(f"{k}: recorded {a!r}, asked {b!r}" for k, (a, b) in differ.items())
+                             + "); rerun with the recorded settings or use a new --work (cells never mix settings)")
+
+    def check_manifest(self, name: str, digest: str) -> None:
+        manifests = self.cells["_meta"]["record"]["manifests"]
+        if manifests.setdefault(name, digest) != digest:
+            raise SystemExit(f"{self.cells_path}: task {name!r} was rebuilt since its cells were computed "
+                             f"(manifest.json sha256 {digest[:12]}…, recorded {manifests[name][:12]}…): use a new --work")
+        self.save()
 
     def cell(self, key: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         if key not in self.cells:
@@ -174,8 +208,8 @@ class Bench:
             result["provenance"] = self.code  # the code this process loaded
             self.cells[key] = result
             self.save()
-            mean = result.get("mean", {})
-            log(f"{key} done in {result['seconds']:.1f} s" + (f": SRCC {mean['srcc']:.3f}" if "srcc" in mean else ""))
+            view = result.get("views", {}).get(result.get("headline"), {}).get("mean", {})
+            log(f"{key} done in {result['seconds']:.1f} s" + (f": SRCC {view['srcc']:.3f}" if "srcc" in view else ""))
         return self.cells[key]
 
     def caching(self, key: str, seconds: float, **extra: Any) -> None:
@@ -202,6 +236,8 @@ class Bench:
         if key not in self._data:
             name, scheme = TASKS[key]
             task = rank_task(name)
+            manifest = file_sha256(task.root / "manifest.json")
+            self.check_manifest(name, manifest)
             splits = limited({s: task.split(s, scheme) for s in ("train", "val", "test")}, self.args.limit,
                              MIN_POSITIVE.get(name))
             misses, start = self.cache.misses, time.perf_counter()
@@ -210,25 +246,26 @@ class Bench:
                          images=sum(len(t) for t in splits.values()))
             self._data[key] = TaskData(key, loaded["train"], loaded["val"], loaded["test"],
                                        {s: t.paths for s, t in splits.items()},
-                                       {i.text: i.attribute for i in task.instructions}, MIN_POSITIVE.get(name))
+                                       {i.text: i.attribute for i in task.instructions}, MIN_POSITIVE.get(name), manifest)
         return self._data[key]
 
     def fronts(self, data: TaskData) -> Fronts:
         if data.key not in self._fronts:
-            from safetensors.torch import load_file, save_file
-
             split = efficientnet_split(self.encoders.image_encoder, self.args.tail_blocks)
+            # the task build's content (manifest hash), not just its paths: a rebuilt task gets new fronts
             digest = hashlib.sha256(json.dumps([self.encoders.image_encoder.fingerprint, self.args.tail_blocks,
-                                                [str(p) for s in ("train", "test") for p in data.paths[s]]])
+                                                data.manifest, [str(p) for s in ("train", "test") for p in data.paths[s]]])
                                     .encode()).hexdigest()[:16]
-            path = self.work / "fronts" / f"{data.key}-{digest}.safetensors"
+            path, stored = self.work / "fronts" / f"{data.key}-{digest}.safetensors", None
             if path.is_file():
-                stored = load_file(str(path))
-            else:
+                try:
+                    stored = read_tensors(path, read_metadata(path).get("digest", ""), recorded_in="its header")
+                except AdapterError as exc:
+                    log(f"recomputing the fronts: {exc}")
+            if stored is None:
                 start = time.perf_counter()
                 stored = {s: front_activations(split, data.paths[s], progress=False).contiguous() for s in ("train", "test")}
-                path.parent.mkdir(parents=True, exist_ok=True)
-                save_file(stored, str(path))
+                write_tensors(path, stored, digest_key="digest")  # atomic: a killed run leaves no half file
                 self.caching(f"fronts/{data.key}", time.perf_counter() - start,
                              computed_items=sum(len(v) for v in stored.values()), shape=list(stored["train"].shape[1:]))
             self._fronts[data.key] = Fronts(split, stored["train"], stored["test"])
@@ -242,33 +279,34 @@ class Bench:
         if row == "constant_text":  # one fixed sentence for every instruction, in training and test
             constant = InstructionTokens(*self.cache.text_tokens(CONSTANT_TEXT))
             train_texts, test_texts = {k: constant for k in train_texts}, {k: constant for k in test_texts}
-        with torch.random.fork_rng(devices=[]):  # the adapter's initial values come from the seed
-            torch.manual_seed(seed)
-            ak.attach(encoders, config, NAME)
+        layer = attach_ranking(encoders, config, NAME, seed)  # initial weights from the seed
         try:
-            layer = ranking_layer(encoders, NAME)
             params = sum(p.numel() for p in layer.parameters() if p.requires_grad)
             pairs = layer.adapter.pairs
             settings = RankingTrainSettings(epochs=self.args.epochs, batch_size=self.args.batch_size, seed=seed)
+            batches = [b.instruction for b in InstructionBatches(data.train_pools, settings.batch_size,
+                                                                 settings.negative_ratio, seed).epoch(0)]
             start = time.perf_counter()
             losses = train_ranking(encoders, NAME, data.train.images, train_texts, data.train_pools, settings,
                                    progress=False)
             seconds = time.perf_counter() - start
-            metrics = evaluate_ranking(encoders, NAME, data.test.images, test_texts, data.test_pools)
+            record = metrics_record(data, lambda pools: evaluate_ranking(encoders, NAME, data.test.images, test_texts, pools))
         finally:
             ak.detach(encoders, NAME)
-        return {**metrics_record(data, metrics), "trainable_params": params, "train_seconds": seconds,
+        return {**record, "trainable_params": params, "train_seconds": seconds,
                 "inference_params": params - (0 if pairs is None else sum(p.numel() for p in pairs.parameters())),
+                "image_tokens": list(data.train.images.shape[1:]),
+                "train_positives": {data.attributes[p.instruction]: len(p.positives) for p in data.train_pools},
+                "batches_per_epoch": {data.attributes[p.instruction]: batches.count(p.instruction) for p in data.train_pools},
                 "steps": len(losses), "first_loss": losses[0], "last_loss": sum(losses[-10:]) / len(losses[-10:])}
 
     def heuristic(self, data: TaskData) -> dict[str, Any]:
-        chosen = {data.attributes[p.instruction]: heuristic_for(p.instruction) for p in data.test_pools}
+        chosen = {data.attributes[p.instruction]: heuristic_for(p.instruction) for p in data.test_views["all"]}
         if all(h.statistic is None for h in chosen.values()):
-            return {"skipped": sorted({h.reason for h in chosen.values()})[0], "per_instruction": {}, "mean": {}}
+            return {"skipped": sorted({h.reason for h in chosen.values()})[0], "views": {}, "headline": data.headline}
         stats = compute_statistics(data.paths["test"], progress=False)
-        metrics = evaluate_scores(stats.scores, data.test_pools)
-        return {**metrics_record(data, metrics), "trainable_params": 0, "train_seconds": 0.0,
-                "statistics_seconds": stats.seconds,
+        return {**metrics_record(data, lambda pools: evaluate_scores(stats.scores, pools)), "trainable_params": 0,
+                "train_seconds": 0.0, "statistics_seconds": stats.seconds,
                 "statistic": {k: f"{'−' if h.sign < 0 else '+'}{h.statistic}" for k, h in chosen.items() if h.statistic}}
 
     def ridge(self, data: TaskData, row: str, seed: int) -> dict[str, Any]:
@@ -277,75 +315,31 @@ class Bench:
                                                            data.val.images, data.val_pools)
         probes = self._ridge[data.key, seed]
         agnostic = row == "ridge_agnostic"
-        metrics = evaluate_scores(lambda i: probes.scores(data.test.images, None if agnostic else i), data.test_pools)
+        score = lambda i: probes.scores(data.test.images, None if agnostic else i)  # noqa: E731
         heads = [probes.agnostic] if agnostic else list(probes.per_instruction.values())
-        return {**metrics_record(data, metrics), "train_seconds": probes.train_seconds,
+        return {**metrics_record(data, lambda pools: evaluate_scores(score, pools)), "train_seconds": probes.train_seconds,
                 "trainable_params": probes.trainable_params["agnostic" if agnostic else "per_instruction"],
-                "alpha": sorted({h.alpha for h in heads}), "note": "train_seconds: both probe kinds fitted together"}
+                "alpha": sorted({h.alpha for h in heads}),
+                "note": "train_seconds: both probe kinds fitted together; alpha chosen on every validation image"}
 
     def tail(self, data: TaskData, row: str, seed: int) -> dict[str, Any]:
         fronts = self.fronts(data)
         settings = TailSettings(epochs=self.args.epochs, batch_size=self.args.batch_size, seed=seed)
-        if row == "finetune":
-            fitted = fit_finetune(fronts.split, fronts.train, data.train_pools, settings=settings, progress=False)
-        else:
-            fitted = fit_lora(fronts.split, fronts.train, data.train_pools, settings=settings, progress=False)
-        metrics = evaluate_scores(lambda i: fitted.scores(fronts.test, i), data.test_pools)
+        fit = fit_finetune if row == "finetune" else fit_lora
+        fitted = fit(fronts.split, fronts.train, data.train_pools, settings=settings, progress=False)
+        record = metrics_record(data, lambda pools: evaluate_scores(lambda i: fitted.scores(fronts.test, i), pools))
         per = list(fitted.trainable_params.values())
-        return {**metrics_record(data, metrics), "trainable_params": sum(per), "params_per_instruction": max(per),
+        return {**record, "trainable_params": sum(per), "params_per_instruction": max(per),
                 "train_seconds": fitted.train_seconds, "tail_blocks": self.args.tail_blocks}
-
-    def pair_cost(self) -> dict[str, Any]:
-        """Time (median of ``--pair-repeats``) of forward+backward of the pair branch, factorised and
-        naive, and of a whole adapter training step with and without it, per batch size N."""
-        config = RankingAdapterConfig(image_dim=self.cache.token_dim, text_dim=self.encoders.text_token_dim)
-        tokens_per_image, width, m, h = self.cache.num_tokens, config.width, config.relation_tokens, config.heads
-        gen = torch.Generator().manual_seed(0)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            attention, adapter = RankingAwareAttention(config), RankingAdapter(config, config.image_dim, config.text_dim)
-        adapter.train()
-        text = torch.randn(12, config.text_dim, generator=gen)
-        mask = torch.ones(12, dtype=torch.bool)
-        rows = []
-        for n in self.args.pair_sizes:
-            z = torch.randn(n, tokens_per_image, width, generator=gen).requires_grad_(True)
-            images = torch.randn(n, tokens_per_image, config.image_dim, generator=gen)
-            targets = torch.randint(0, 5, (n,), generator=gen).float()
-            with torch.no_grad():
-                diff = (attention(z) - naive_pair_logits(attention, z)).abs().max().item()
-
-            def branch(fn: Callable[..., torch.Tensor]) -> Callable[[], None]:
-                return lambda: fn(z).sum().backward()
-
-            def step(pairs: bool) -> Callable[[], None]:
-                def run() -> None:
-                    adapter.zero_grad(set_to_none=True)
-                    ranking_loss(adapter(images, text, mask, pairs=pairs), targets).total.backward()
-                return run
-
-            cases = {"factorised": branch(attention), "naive": branch(lambda x: naive_pair_logits(attention, x)),
-                     "step_with_pairs": step(True), "step_without_pairs": step(False)}
-            times = {}
-            for label, fn in cases.items():
-                fn()  # warm-up
-                times[label] = statistics.median(timed(fn) for _ in range(self.args.pair_repeats))
-            rows.append({"n": n, "max_abs_diff": diff, **{f"{k}_s": v for k, v in times.items()},
-                         # the largest intermediates, float32: the factorised halves O_i, O_j (N², M, width)
-                         # against the naive joint keys/values (N², 2P, width) and its attention (N², H, M, 2P)
-                         "factorised_bytes": 4 * n * n * m * width,
-                         "naive_bytes": 4 * n * n * max(2 * tokens_per_image * width, h * m * 2 * tokens_per_image)})
-            log(f"pair cost N={n}: factorised {1e3 * times['factorised']:.1f} ms, naive {1e3 * times['naive']:.1f} ms, "
-                f"step {1e3 * times['step_with_pairs']:.1f} / {1e3 * times['step_without_pairs']:.1f} ms")
-        return {"rows": rows, "tokens_per_image": tokens_per_image, "width": width, "relation_tokens": m, "heads": h,
-                "repeats": self.args.pair_repeats, "default_batch_size": RankingTrainSettings().batch_size}
 
     # -- driver ----------------------------------------------------------------------------------
     def run(self, rows: list[str], tasks: list[str], seeds: list[int]) -> None:
         suffix = "" if self.args.limit is None else f"/limit{self.args.limit}"
         for row in rows:
             if row == "pair_cost":
-                self.cell("pair_cost" + suffix, self.pair_cost)
+                self.cell("pair_cost" + suffix, lambda: pair_cost(
+                    self.cache.token_dim, self.encoders.text_token_dim, self.cache.num_tokens, self.args.pair_sizes,
+                    self.args.pair_repeats, self.args.batch_size, log))
                 continue
             for seed in ([0] if row == "heuristic" else seeds):
                 for key in tasks:
@@ -387,7 +381,6 @@ def main(argv: list[str]) -> int:
     args.pair_sizes = [int(n) for n in args.pair_sizes.split(",")]
     torch.set_num_threads(args.threads)
     bench = Bench(args)
-    bench.cells.setdefault("_meta", {"provenance": provenance(), "hardware": hardware(), "runs": []})
     bench.cells["_meta"]["runs"].append({"argv": argv, "provenance": provenance(), "started": time.time(),
                                          "settings": bench.settings()})
     bench.run(rows, tasks, [int(s) for s in args.seeds.split(",")])

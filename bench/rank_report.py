@@ -3,6 +3,8 @@
 
 Every number is computed from ``<work>/cells.json``; a cell that is not there reads "not run", a row
 that cannot exist (no heuristic counts objects; no per-instruction model for an unseen word) reads "—".
+Counting is headlined over the test images that show the object (count ≥ 1); over all images (most
+show none) the number is labelled "presence + count".
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from _provenance import describe  # noqa: E402
 
 TASKS = (("quality", "A: quality"), ("counting", "B: counting"), ("counting_heldout", "B: held-out words"))
+COUNTED = ("counting", "counting_heldout")  # headlined over the images that show the object
 METHODS = (("heuristic", "heuristic (image statistic per criterion)"), ("ridge_agnostic", "ridge probe, text-agnostic"),
            ("ridge_oracle", "ridge probe per instruction (oracle)"),
            ("finetune", "fine-tune last EfficientNet blocks + head, per instruction"),
@@ -32,6 +35,8 @@ LABEL = dict(METHODS)
 PER_INSTRUCTION = ("ridge_oracle", "finetune", "lora")
 METRICS = (("srcc", "SRCC"), ("plcc", "PLCC"), ("kendall", "Kendall τ"), ("pairwise", "pairwise acc."), ("mae", "MAE"))
 NOT_RUN, NONE = "not run", "—"
+FORMAT = 2  # the cells.json layout this report reads (bench/rank_bench.py FORMAT)
+HEADLINE, ALL = "headline", "all"  # views: the task's headline (counting: count ≥ 1) or every test image
 
 
 class Cells:
@@ -58,10 +63,12 @@ class Cells:
             return NONE
         return None if runs else NOT_RUN
 
-    def values(self, task: str, row: str, metric: str = "srcc", instruction: str | None = None) -> list[float]:
+    def values(self, task: str, row: str, metric: str = "srcc", instruction: str | None = None,
+               view: str = HEADLINE) -> list[float]:
         out = []
         for run in self.runs(task, row):
-            source = run["mean"] if instruction is None else run["per_instruction"].get(instruction, {})
+            scored = view_of(run, view)
+            source = scored.get("mean", {}) if instruction is None else scored.get("per_instruction", {}).get(instruction, {})
             if metric in source and not math.isnan(source[metric]):
                 out.append(source[metric])
         return out
@@ -70,8 +77,23 @@ class Cells:
         names: dict[str, None] = {}
         for row, _ in METHODS:
             for run in self.runs(task, row):
-                names.update(dict.fromkeys(run.get("per_instruction", {})))
+                names.update(dict.fromkeys(view_of(run, HEADLINE).get("per_instruction", {})))
         return list(names)
+
+    @staticmethod
+    def counted(task: str) -> bool:
+        """Whether the task is scored twice (counting: count ≥ 1, the headline, and all images)."""
+        return task in COUNTED
+
+
+def view_of(run: dict[str, Any], view: str) -> dict[str, Any]:
+    """One view's metrics of a cell: ``per_instruction``, ``mean`` and ``images`` (per instruction)."""
+    return run.get("views", {}).get(run.get("headline") if view == HEADLINE else view, {})
+
+
+def spread(values: list[int]) -> str:
+    """Median and range of a few counts, e.g. "31 (12–48)"."""
+    return f"{statistics.median(values):.0f} ({min(values)}–{max(values)})" if values else "?"
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -86,13 +108,13 @@ def fmt(values: list[float], digits: int = 3, std: bool = True) -> str:
 
 
 def number(cells: Cells, task: str, row: str, metric: str = "srcc", instruction: str | None = None,
-           std: bool = True) -> str:
+           std: bool = True, view: str = HEADLINE) -> str:
     why = cells.absent(task, row)
     if why:
         return why
     if metric == "mae" and row == "heuristic":
         return NONE  # a statistic, not on the targets' scale
-    return fmt(cells.values(task, row, metric, instruction), std=std)
+    return fmt(cells.values(task, row, metric, instruction, view), std=std)
 
 
 def params(cells: Cells, task: str, row: str) -> str:
@@ -134,7 +156,8 @@ def verdict(diff: tuple[float, float] | None, better: str, worse: str) -> str:
 
 
 def claims(cells: Cells) -> list[str]:
-    out = ["## The paper's claims, from these numbers", ""]
+    out = ["## The paper's claims, from these numbers", "", "SRCC; counting over the images that show the object "
+           "(count ≥ 1). Noise: the seeds' spread (training noise; one fixed task build).", ""]
     lines = []
     for task, label in TASKS[:2]:
         for base in ("finetune", "lora"):
@@ -165,60 +188,105 @@ def claims(cells: Cells) -> list[str]:
     return out + [""]
 
 
-def pair_table(cost: dict[str, Any]) -> list[str]:
+def megabytes(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.1f}"
+
+
+def pair_table(cost: dict[str, Any], cells: Cells) -> list[str]:
     rows = cost["rows"]
     out = ["## Pair-branch cost against batch size", "",
            f"Forward + backward, median of {cost['repeats']} runs, {cost['tokens_per_image']} tokens per image, width "
            f"{cost['width']}, {cost['relation_tokens']} relational tokens, {cost['heads']} heads. *Naive* materialises the "
            "joint softmax over both images' 2P tokens for each of the N² ordered pairs (written in the benchmark as a "
-           "yardstick); the library's factorised version combines per-image partial sums. Largest intermediate: "
-           "float32, counted analytically. Step: a whole adapter training step (fusion, heads, loss) with / without "
-           "the pair branch.", "",
-           "| N | pairs | factorised ms | naive ms | naive / factorised | largest intermediate MB (factorised / naive) "
-           "| step ms with / without | pair-branch share of a step | max abs diff |", "|---" * 9 + "|"]
+           "yardstick); the library's factorised version combines per-image partial sums. Memory, measured: *peak* is "
+           "the highest running sum of the torch profiler's CPU allocation events during one forward + backward "
+           "(gradients included, inputs and weights excluded); *saved* sums the distinct storages autograd keeps for "
+           "backward (saved_tensors_hooks). *Analytic*: the largest single intermediate, float32. Step: a whole "
+           "adapter training step (fusion, heads, loss) with / without the pair branch.", "",
+           "| N | pairs | factorised ms | naive ms | naive / factorised | peak MB measured (factorised / naive) "
+           "| saved for backward MB (factorised / naive) | largest intermediate MB, analytic (factorised / naive) "
+           "| step ms with / without | step peak MB with / without | pair-branch share of a step | max abs diff |",
+           "|---" * 12 + "|"]
     for r in rows:
         share = 1 - r["step_without_pairs_s"] / r["step_with_pairs_s"]
         out.append(f"| {r['n']} | {r['n'] ** 2} | {1e3 * r['factorised_s']:.1f} | {1e3 * r['naive_s']:.1f} | "
-                   f"{r['naive_s'] / r['factorised_s']:.1f}× | {r['factorised_bytes'] / 2**20:.1f} / {r['naive_bytes'] / 2**20:.1f} "
-                   f"| {1e3 * r['step_with_pairs_s']:.0f} / {1e3 * r['step_without_pairs_s']:.0f} | {share:.0%} | "
-                   f"{r['max_abs_diff']:.1e} |")
+                   f"{r['naive_s'] / r['factorised_s']:.1f}× | {megabytes(r['factorised_peak_bytes'])} / "
+                   f"{megabytes(r['naive_peak_bytes'])} | {megabytes(r['factorised_saved_bytes'])} / "
+                   f"{megabytes(r['naive_saved_bytes'])} | {megabytes(r['factorised_bytes'])} / {megabytes(r['naive_bytes'])} "
+                   f"| {1e3 * r['step_with_pairs_s']:.0f} / {1e3 * r['step_without_pairs_s']:.0f} | "
+                   f"{megabytes(r['step_with_pairs_peak_bytes'])} / {megabytes(r['step_without_pairs_peak_bytes'])} | "
+                   f"{share:.0%} | {r['max_abs_diff']:.1e} |")
     shares = {r["n"]: 1 - r["step_without_pairs_s"] / r["step_with_pairs_s"] for r in rows}
     cheap = [n for n, s in shares.items() if s <= 1 / 3]
-    default = cost["default_batch_size"]
+    size = cost["batch_size"]
     per_image = {r["n"]: r["step_with_pairs_s"] / r["n"] for r in rows}
-    out += ["", f"Default batch size {default}: the pair branch takes {shares.get(default, float('nan')):.0%} of a step "
-            f"({per_image.get(default, float('nan')) * 1e3:.0f} ms per image). The largest N whose pair branch stays "
-            f"within a third of the step: {max(cheap) if cheap else 'none'}; doubling N quadruples the branch's memory "
-            f"and, past that, its time dominates the step (N = {rows[-1]['n']}: {shares[rows[-1]['n']]:.0%}). "
-            "Per-instruction batches are also bounded by how many positives an instruction has (counting: about 90 "
-            "training images per category), so N = 16 keeps several batches per instruction and epoch.", ""]
-    return out
+    at_size = (f"the pair branch takes {shares[size]:.0%} of a step ({per_image[size] * 1e3:.0f} ms per image)"
+               if size in shares else "not among the measured sizes")
+    out += ["", f"Benchmark batch size N = {size}: {at_size}. The largest N whose pair branch stays within a third of "
+            f"the step: {max(cheap) if cheap else 'none'}; N = {rows[-1]['n']}: {shares[rows[-1]['n']]:.0%} of the step."]
+    bounded = []
+    for task, label in TASKS:
+        runs = [r for r in cells.runs(task, "adapter") if "train_positives" in r]
+        if runs:
+            positives, batches = list(runs[0]["train_positives"].values()), list(runs[0]["batches_per_epoch"].values())
+            bounded.append(f"{label}: {spread(positives)} training positives per instruction, {spread(batches)} "
+                           f"batches of N = {runs[0]['settings']['batch_size']} per instruction and epoch")
+    if bounded:
+        out.append("A batch holds one instruction's images, so N is also bounded by its positives (median (range)): "
+                   + "; ".join(bounded) + ".")
+    return out + [""]
+
+
+def views(cells: Cells, task: str) -> list[tuple[str, str]]:
+    """The (view, label suffix) pairs a task is reported in: counting twice, the headline first."""
+    return [(HEADLINE, " (count ≥ 1)"), (ALL, " (presence + count)")] if cells.counted(task) else [(HEADLINE, "")]
+
+
+def image_counts(cells: Cells, task: str) -> str:
+    """How many test images each instruction is scored on, per view (from the cells)."""
+    runs = [r for row, _ in METHODS for r in cells.runs(task, row) if r.get("views")]
+    if not runs:
+        return "?"
+    return "; ".join(f"{name}: {spread(list(view_of(runs[0], view).get('images', {}).values()))}"
+                     for view, name in ((HEADLINE, "count ≥ 1"), (ALL, "all images")))
 
 
 def render(raw: dict[str, Any], cells: Cells) -> str:
     meta = raw.get("_meta", {})
     used = {json.dumps(v["settings"], sort_keys=True) for k, v in raw.items()
-            if isinstance(v, dict) and "per_instruction" in v and k.endswith(cells.suffix)
-            and (cells.suffix or "/limit" not in k)}
+            if isinstance(v, dict) and "views" in v and k.endswith(cells.suffix) and (cells.suffix or "/limit" not in k)}
     seeds = sorted({k.split("/")[2] for k in raw if k.count("/") >= 2 and k.split("/")[2].startswith("seed")
                     and k.endswith(cells.suffix) and (cells.suffix or "/limit" not in k)})
     hw = meta.get("hardware", {})
     quality = cells.instructions("quality") or ["blur", "noise", "jpeg", "dark", "contrast"]
+    shape = next((r["image_tokens"] for t, _ in TASKS for r in cells.runs(t, "adapter") if "image_tokens" in r), None)
+    counted = [(t, label) for t, label in TASKS if cells.counted(t)]
     lines = ["# Ranking-aware adapter (issue 13): ordering images by a text instruction", "",
              f"Measured on: {describe(meta) if meta else 'unknown'}; {hw.get('cpu_model', '?')}, "
              f"{hw.get('usable_cores', '?')} cores. Seeds: {', '.join(seeds) or 'none'}; cell settings: "
-             f"{'; '.join(sorted(used)) or 'none'}.", "",
-             "Frozen EfficientNet-Lite0 image tokens (49 × 1280) and MiniLM text tokens; every learned row trains on the "
-             "train split for the same number of epochs and is scored on the test split (per instruction, then averaged). "
-             "Mean ± std over seeds (the heuristic is seed-independent). Trainable parameters: the whole trained set "
-             "(per-instruction rows: summed over the instructions; the adapter: including the pair branch, which is "
-             "dropped at inference). Train time: seconds on the listed cores.", "",
-             "## SRCC", "",
-             "| method | " + " | ".join(f"A: {q}" for q in quality) + " | A mean | B mean over categories | B held-out words "
-             "| trainable params A / B | train s A / B / B held-out |", "|---" * (len(quality) + 6) + "|"]
+             f"{'; '.join(sorted(used)) or 'none'}; task builds (manifest.json sha256): "
+             f"{', '.join(f'{k} {v[:12]}' for k, v in meta.get('record', {}).get('manifests', {}).items()) or '?'}.", "",
+             "**± std over training seeds; one fixed task build and split.** A seed changes the models' initial "
+             "weights, batch order and dropout only; every seed trains and tests on the same images, split and "
+             "held-out category words (the tasks are built once, with seed 0), so the spread is training noise, "
+             "not data noise.", "",
+             f"Frozen EfficientNet-Lite0 image tokens ({' × '.join(map(str, shape)) if shape else '?'}) and MiniLM text "
+             "tokens; every learned row trains on the train split for the same number of epochs and is scored on the "
+             "test split (per instruction, then averaged; the heuristic is seed-independent). Trainable parameters: "
+             "the whole trained set (per-instruction rows: summed over the instructions; the adapter: including the "
+             "pair branch, which is dropped at inference). Train time: seconds on the listed cores.", ""]
+    if counted:
+        lines += ["**Counting is headlined over the test images that show the object (count ≥ 1).** Over all test "
+                  "images most show none, so an ordering there mostly says whether the object is present; that number "
+                  "is kept as *presence + count*. Test images per category: "
+                  + "; ".join(f"{label}: {image_counts(cells, t)}" for t, label in counted)
+                  + ". A category with fewer than 2 images that show it is left out of the count ≥ 1 view.", ""]
+    head = [f"A: {q}" for q in quality] + ["A mean"] + [label + suffix for t, label in counted for _, suffix in views(cells, t)]
+    lines += ["## SRCC", "", "| method | " + " | ".join(head) + " | trainable params A / B | train s A / B / B held-out |",
+              "|---" * (len(head) + 3) + "|"]
     for row, label in METHODS:
-        cols = [number(cells, "quality", row, instruction=q, std=False) for q in quality]
-        cols += [number(cells, t, row) for t, _ in TASKS]
+        cols = [number(cells, "quality", row, instruction=q, std=False) for q in quality] + [number(cells, "quality", row)]
+        cols += [number(cells, t, row, view=view) for t, _ in counted for view, _ in views(cells, t)]
         cols += [f"{params(cells, 'quality', row)} / {params(cells, 'counting', row)}",
                  " / ".join(seconds(cells, t, row) for t, _ in TASKS)]
         lines.append(f"| {label} | " + " | ".join(cols) + " |")
@@ -226,20 +294,23 @@ def render(raw: dict[str, Any], cells: Cells) -> str:
               "arbitrary objects; a per-instruction model — the oracle probe, fine-tuning, LoRA — needs training "
               "examples of its instruction, which a held-out category word never has). \"not run\": not measured.", ""]
     for task, label in TASKS:
-        lines += [f"## All metrics, {label}", "", "| method | " + " | ".join(m for _, m in METRICS) + " |",
-                  "|---" * (len(METRICS) + 1) + "|"]
-        lines += [f"| {name} | " + " | ".join(number(cells, task, row, k) for k, _ in METRICS) + " |"
-                  for row, name in METHODS]
-        lines += ["", "MAE in target units (levels 0–4 / objects); the heuristic's scores are not on that scale.", ""]
+        for view, suffix in views(cells, task):
+            lines += [f"## All metrics, {label}{suffix}", "", "| method | " + " | ".join(m for _, m in METRICS) + " |",
+                      "|---" * (len(METRICS) + 1) + "|"]
+            lines += [f"| {name} | " + " | ".join(number(cells, task, row, k, view=view) for k, _ in METRICS) + " |"
+                      for row, name in METHODS]
+            lines += ["", "MAE in target units (levels 0–4 / objects); the heuristic's scores are not on that scale.", ""]
     for task, label in TASKS[1:]:
         shown = [(r, n) for r, n in METHODS if cells.runs(task, r) and not cells.absent(task, r)]
         names = cells.instructions(task)
         if not shown or not names:
             continue
-        lines += [f"## SRCC per category, {label}", "", "| category | " + " | ".join(r for r, _ in shown) + " |",
+        suffix = views(cells, task)[0][1]
+        lines += [f"## SRCC per category, {label}{suffix}", "", "| category | " + " | ".join(r for r, _ in shown) + " |",
                   "|---" * (len(shown) + 1) + "|"]
         lines += [f"| {c} | " + " | ".join(number(cells, task, r, instruction=c) for r, _ in shown) + " |" for c in names]
-        lines.append("")
+        lines += ["", "\"—\" here: no SRCC (every scored image of the category has the same count, or the scores are "
+                  "constant).", ""]
     caching = raw.get("caching", {})
     if caching:
         lines += ["## One-off caching (not in the train times)", "", "| cache | seconds | items computed | threads |",
@@ -248,7 +319,7 @@ def render(raw: dict[str, Any], cells: Cells) -> str:
                   for k, v in caching.items()]
         lines.append("")
     cost = raw.get("pair_cost" + cells.suffix)
-    lines += pair_table(cost) if cost else ["## Pair-branch cost against batch size", "", NOT_RUN, ""]
+    lines += pair_table(cost, cells) if cost else ["## Pair-branch cost against batch size", "", NOT_RUN, ""]
     lines += claims(cells)
     return "\n".join(lines)
 
@@ -280,7 +351,7 @@ def plot(cells: Cells, path: Path) -> str:
         ax.set_ylabel("SRCC (test)")
         ax.set_title(label)
         ax.axhline(0, color="black", linewidth=0.5)
-    fig.suptitle("SRCC per instruction and method (mean over seeds, ± std)")
+    fig.suptitle("SRCC per instruction and method (mean over seeds, ± std; counting: images with count ≥ 1)")
     fig.tight_layout(rect=(0, 0, 1, 0.9))
     fig.legend(list(legend.values()), list(legend), fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, 0.96))
     fig.savefig(path, dpi=110)
@@ -295,6 +366,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--limit", type=int, default=None, help="report the cells of a --limit smoke run")
     args = parser.parse_args(argv)
     raw = json.loads((Path(args.work) / "cells.json").read_text())
+    found = raw.get("_meta", {}).get("record", {}).get("format")
+    if found != FORMAT:
+        raise SystemExit(f"{args.work}/cells.json: layout {found!r}, this report reads {FORMAT} (per-view metrics); "
+                         "rerun bench/rank_bench.py into a new --work")
     cells, out = Cells(raw, args.limit), Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure = plot(cells, out.with_suffix(".png"))
