@@ -237,3 +237,24 @@ def unknown_option_message(extra: list[str], method_name: str | None) -> str:
     if owners:
         return f"{name} is not an option of method {method_name!r} (it belongs to {', '.join(owners)}); {hint}"
     return f"unknown option {name} for method {method_name!r}; {hint}"
+
+
+def nested_commands(command: Callable[..., argparse.ArgumentParser], name: str, help: str,
+                    choices: str) -> Callable[..., argparse.ArgumentParser]:
+    """Add command group ``name`` (``adapterkit NAME SUB ...``) and return a factory for its
+    subcommands; each subcommand gets ``--debug`` and ``--threads``."""
+
+    def no_subcommand(args: argparse.Namespace) -> int:  # argparse requires the subcommand first
+        raise ConfigError(f"choose a {name} subcommand: {choices}")
+
+    group = command(name, no_subcommand, help=help)
+    nested = group.add_subparsers(dest=f"{name}_command", required=True)
+
+    def sub_command(sub: str, run: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = nested.add_parser(sub, help=help, description=help, formatter_class=group.formatter_class, allow_abbrev=False)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="re-raise errors with their traceback")
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+        p.set_defaults(run=run)
+        return p
+
+    return sub_command

@@ -20,7 +20,7 @@ from ..io.safefiles import read_json, write_json
 from ..methods.ranking import RankingAdapterConfig
 from ..zoo.data import cache_dir
 from ..zoo.rank_tasks import SCHEMES, SPLITS, TASKS, RankTask, rank_task, read_rank_task
-from .options import add_config_options, build_config
+from .options import add_config_options, build_config, nested_commands
 
 SIDECAR = "rank.json"
 NAME = "rank"
@@ -28,15 +28,12 @@ NAME = "rank"
 
 def register(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
     """Add ``rank train``, ``rank eval`` and ``rank sort``."""
-    group = command("rank", _no_subcommand, help="order images by a text instruction (ranking-aware adapter)")
-    nested = group.add_subparsers(dest="rank_command", required=True)
+    nested = nested_commands(command, "rank", "order images by a text instruction (ranking-aware adapter)",
+                             "train, eval or sort")
 
     def sub_command(name: str, run: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
-        p = nested.add_parser(name, help=help, description=help, formatter_class=group.formatter_class, allow_abbrev=False)
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="re-raise errors with their traceback")
-        p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+        p = nested(name, run, help)
         p.add_argument("--cache", default=None, help="token cache directory (default: the adapterkit cache)")
-        p.set_defaults(run=run)
         return p
 
     tasks = f"{', '.join(TASKS)} (built by 'adapterkit fetch-data rank') or a built task directory"
@@ -66,10 +63,6 @@ def register(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--instruction", required=True, help='e.g. "Sort the images by how blurry they are."')
     p.add_argument("--sheet", default="sorted.png", help="contact sheet PNG to write")
     p.add_argument("--descending", action="store_true", help="highest score first")
-
-
-def _no_subcommand(args: argparse.Namespace) -> int:
-    raise ConfigError("choose a rank command: train, eval or sort")
 
 
 def _task(name: str) -> RankTask:

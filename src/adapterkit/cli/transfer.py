@@ -26,22 +26,19 @@ from ..methods.lora import LoRAConfig
 from ..zoo.llm import MODELS, load_lm
 from ..zoo.lm_tasks import LM_TASKS, LMExample, LMTask, lm_task, read_task_dir
 from .causal import _read_pairs, set_lm_train_defaults
-from .options import DEST, add_config_options, build_config, parse_targets
+from .options import DEST, add_config_options, build_config, nested_commands, parse_targets
 
 COMMAND_FILE = "command.json"  # the options of the run that owns an output directory
 
 
 def register(sub: Any, command: Callable[..., argparse.ArgumentParser], method: str, selected: dict[str, str]) -> None:
     """Add ``transfer prepare`` and ``transfer run`` (with ``method``'s config options) to the parser."""
-    group = command("transfer", _no_subcommand, help="Trans-LoRA: move an adapter to another base model without its data")
-    nested = group.add_subparsers(dest="transfer_command", required=True)
+    nested = nested_commands(command, "transfer", "Trans-LoRA: move an adapter to another base model without its data",
+                             "prepare or run")
 
     def sub_command(name: str, run: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
-        p = nested.add_parser(name, help=help, description=help, formatter_class=group.formatter_class, allow_abbrev=False)
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="re-raise errors with their traceback")
-        p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+        p = nested(name, run, help)
         p.add_argument("--seed", type=int, default=0, help="seeds, sampling, data order (and the config's seed field)")
-        p.set_defaults(run=run)
         return p
 
     models = f"{', '.join(sorted(MODELS))} or a local Hugging Face directory"
@@ -87,10 +84,6 @@ def register(sub: Any, command: Callable[..., argparse.ArgumentParser], method: 
                    help="alias of --target-modules")
     add_config_options(p, get_method(p.get_default("method")).config_class, selected, taken)
     set_lm_train_defaults(p)
-
-
-def _no_subcommand(args: argparse.Namespace) -> int:  # argparse requires the subcommand first
-    raise ConfigError("choose a transfer subcommand: prepare or run")
 
 
 def _positive(**values: int | None) -> None:
