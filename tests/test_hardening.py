@@ -67,9 +67,28 @@ CONFIGS = {  # a valid config of every registered method for target list `t`
 }
 
 
+MODEL_LEVEL = {  # model-level methods: no target modules, a valid config for `mixed_model`
+    "ranking": lambda **kw: ak.RankingAdapterConfig(width=8, heads=2, fusion_layers=1, encoder_layers=0, prompt_tokens=2,
+                                                   relation_tokens=2, image_dim=4, text_dim=4, **kw),
+}
+
+
 def test_every_built_in_method_has_a_hardening_config():
     built_in = {m.name for m in ak.registered_methods() if type(m).__module__.startswith("adapterkit.methods.")}
-    assert built_in <= set(CONFIGS)  # tests may register methods of their own
+    assert built_in <= set(CONFIGS) | set(MODEL_LEVEL)  # tests may register methods of their own
+
+
+@pytest.mark.parametrize("method", sorted(MODEL_LEVEL))
+def test_model_level_methods_refuse_bad_names_configs_and_options(method):
+    model = mixed_model()
+    make = MODEL_LEVEL[method]
+    for name in ("a.b", "", "x" * 101, 3, None):
+        refused(model, lambda: ak.attach(model, make(), name), ak.ConfigError)
+    refused(model, lambda: ak.attach(model, make(), "a", unknown_option=1), ak.ConfigError)
+    refused(model, lambda: ak.attach(model, make(modules_to_save=["nothing"]), "a"), ak.TargetError)
+    refused(model, lambda: ak.attach(model, make().replace(image_dim=None), "a"), ak.ConfigError, "token widths")
+    ak.attach(model, make(), "a")
+    refused(model, lambda: ak.attach(model, make(), "a"), ak.errors.DuplicateAdapterError)  # the name is taken
 
 
 @pytest.mark.parametrize("method", sorted(CONFIGS))

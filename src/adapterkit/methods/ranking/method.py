@@ -12,7 +12,7 @@ from ...core.config import AdapterConfig
 from ...core.layers import ModelLayer
 from ...core.registry import AdapterMethod, register_method
 from ...core.state import get_state
-from ...errors import ConfigError
+from ...errors import ConfigError, TargetError
 from .config import RankingAdapterConfig
 from .modules import RankingAdapter, RankingOutput
 
@@ -51,6 +51,10 @@ class RankingMethod(AdapterMethod):
     def select(self, model: nn.Module, config: AdapterConfig) -> tuple[list[str], list[str]]:
         assert isinstance(config, RankingAdapterConfig)
         token_dims(model, config)  # a clear error before anything is built
+        names = dict(model.named_modules())
+        missing = [m for m in config.modules_to_save or () if m not in names or not m]
+        if missing:
+            raise TargetError(f"modules_to_save {missing} name no module of {type(model).__name__}")
         return [""], list(config.modules_to_save or ())
 
     def supports(self, module: nn.Module) -> bool:
