@@ -81,9 +81,11 @@ def _data():
 
 
 def test_training_on_cached_tokens_ranks_held_out_images_and_keeps_the_callers_rng():
+    from adapterkit.apps.ranking.train import attach_ranking
+
     images, texts, train, test = _data()
     model = TinyEncoders()
-    ak.attach(model, RankingAdapterConfig(**SMALL), "rank")
+    attach_ranking(model, RankingAdapterConfig(**SMALL), "rank", seed=0)  # deterministic, whatever ran before
     before = evaluate_ranking(model, "rank", images, texts, test)
     state = torch.random.get_rng_state()
     losses = train_ranking(model, "rank", images, texts, train, RankingTrainSettings(epochs=12, lr=3e-3, batch_size=16),
@@ -91,7 +93,8 @@ def test_training_on_cached_tokens_ranks_held_out_images_and_keeps_the_callers_r
     assert torch.equal(state, torch.random.get_rng_state())
     assert sum(losses[-10:]) < sum(losses[:10])
     after = evaluate_ranking(model, "rank", images, texts, test)
-    assert all(after[k].kendall > max(0.5, before[k].kendall + 0.3) for k in "AB"), (before, after)
+    assert all(after[k].kendall > max(0.8, before[k].kendall + 0.1) for k in "AB"), (before, after)
+    assert sum(after[k].kendall - before[k].kendall for k in "AB") > 0.5
     scores = score_images(model, "rank", images[128:], texts["A"], batch_size=7)  # batching does not matter
     assert torch.allclose(scores, score_images(model, "rank", images[128:], texts["A"]), atol=1e-5)
 

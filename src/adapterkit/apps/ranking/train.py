@@ -46,14 +46,14 @@ class RankingTrainSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "seed"):
+        for name, least in (("epochs", 1), ("batch_size", 2), ("seed", 0)):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "seed" else 1):
-                raise ConfigError(f"{name} must be an integer >= {0 if name == 'seed' else 1}, got {value!r}")
-        for name in ("lr", "weight_decay"):
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
+        for name, positive in (("lr", True), ("weight_decay", False)):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= (0 if name == "weight_decay" else 1e-12):
-                raise ConfigError(f"{name} must be a positive number, got {value!r}")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not (value > 0 or (value == 0 and not positive)):
+                raise ConfigError(f"{name} must be a {'positive' if positive else 'non-negative'} number, got {value!r}")
 
 
 def _config(model: nn.Module, name: str) -> RankingAdapterConfig:
