@@ -75,6 +75,12 @@ class AdapterMethod:
         this method: the place for per-step randomness (e.g. DyLoRA's sampled rank), shared by all
         micro-batches of the step. ``layers`` are the adapter's layers in module order."""
 
+    def trains_every_parameter(self, config: "AdapterConfig") -> bool:
+        """Whether every training step gives all of the adapter's trainable parameters a gradient.
+        ``False`` for methods that train a per-step subset (MoSA's chosen modules): data-parallel
+        training then searches each step's graph for the unused ones (DDP's ``find_unused_parameters``)."""
+        return True
+
     def portable(self, config: "AdapterConfig", layers: "Mapping[str, AdapterLayer]", bases: "Mapping[str, nn.Module]",
                  **options: Any) -> "tuple[AdapterConfig, dict[str, AdapterLayer]]":
         """The adapter as :func:`adapterkit.export` writes it: a config and layers (by module path)

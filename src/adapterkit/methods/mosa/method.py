@@ -48,6 +48,10 @@ class MoSAMethod(AdapterMethod):
             if isinstance(layer, _Splits):
                 layer.choose_modules()
 
+    def trains_every_parameter(self, config: AdapterConfig) -> bool:
+        assert isinstance(config, MoSAConfig)
+        return config.update_unselected == "legacy"  # "never": unchosen modules get no gradient at all
+
     def portable(self, config: AdapterConfig, layers: Mapping[str, AdapterLayer], bases: Mapping[str, nn.Module],
                  **options: Any) -> tuple[AdapterConfig, dict[str, AdapterLayer]]:
         """The merged adapter: the base method's plain layers with the average of the N modules."""
