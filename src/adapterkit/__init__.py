@@ -31,6 +31,7 @@ from .core.api import (
 )
 from .io.artefact import export, load, save
 from .core.activation import routing
+from .core.per_row import per_row
 from .core.composition import Add, Split, Stack
 from .core.config import AdapterConfig
 from .errors import (
@@ -112,6 +113,7 @@ __all__ = [
     "Add",
     "Split",
     "routing",
+    "per_row",
     "StepCallback",
     "step",
     "FrozenNormStatistics",

@@ -6,6 +6,7 @@
   While a :class:`~adapterkit.Split` routes tokens through one of its adapters, it runs a
   :class:`RoutedPlan` instead (both token paths, rows chosen by the thread's routing mask); every
   other module, and every model without an active Split, runs the plain precomputed plan.
+  Inside :func:`adapterkit.per_row` it runs each batch row's own adapter (:mod:`.rows`).
 * :class:`ModelHost` is a child of the model itself and runs model-level adapters around the
   model's forward (forward hooks: no forward is copied and no class is swapped).
 
@@ -26,6 +27,7 @@ from .functional import call_with
 from .fusion import WeightFusion
 from .layers import AdapterLayer, DeltaLayer, ModelLayer, ModuleCopy, ModuleLayer
 from .routing import Routing, select
+from .rows import RowSlot, run_rows
 from .workspace import Workspace
 
 Active = tuple[tuple[str, float], ...]
@@ -105,6 +107,7 @@ class AdaptedModule(_Host):
         self.base_layer = base_layer
         self.plan = ForwardPlan()
         self.fusions: dict[str, WeightFusion] = {}
+        self.row_slot = RowSlot()  # this thread's ak.per_row assignment, if any
 
     # -- fusing ------------------------------------------------------------------------------
     def fusion(self, tensor: str = "weight") -> WeightFusion:
@@ -196,6 +199,9 @@ class AdaptedModule(_Host):
         return self.base_layer.weight
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        rows = self.row_slot.current()
+        if rows is not None:  # inside ak.per_row: each row runs its own adapter, not the plan
+            return run_rows(self, rows, x, args, kwargs)
         plan = self.plan
         if plan.routed is not None:
             return self._routed_forward(plan.routed, x, args, kwargs)

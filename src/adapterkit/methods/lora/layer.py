@@ -73,6 +73,15 @@ class LoRALayer(DeltaLayer):
             return (F.conv2d(F.conv2d(h, a, None, *self.conv), b) * (scaling * scale)).to(x.dtype)
         return (F.linear(F.linear(h, a), b) * (scaling * scale)).to(x.dtype)
 
+    def row_factors(self) -> tuple[Tensor, Tensor, float] | None:
+        """``(A, B, scaling)`` when :meth:`delta_output` is exactly ``scaling · (x Aᵀ) Bᵀ`` (a linear
+        layer, no active dropout), so :func:`adapterkit.per_row` may gather many adapters' rows
+        into one batched matmul; ``None`` otherwise."""
+        dropping = self.training and not isinstance(self.dropout, nn.Identity)
+        if self.conv is not None or dropping or type(self).delta_output is not LoRALayer.delta_output:
+            return None
+        return self.factors()
+
     def _gemm_factors(self) -> tuple[Tensor, Tensor, float]:
         # ΔW = B @ A for an (out × in) weight; a Conv1D weight is (in × out), so ΔWᵀ = Aᵀ @ Bᵀ;
         # a conv weight (out × in × kh × kw) is updated through its (out × in·kh·kw) view.
