@@ -170,6 +170,19 @@ def _desync(rank: int) -> str:
     return "trained"
 
 
+def _mosa_settings() -> dict[str, str]:
+    """MoSA under the DDP settings :func:`distributed.wrap` does not choose: each must fail loudly."""
+    outcomes = {}
+    for label, options in (("static_graph", {"static_graph": True, "find_unused_parameters": False}),
+                           ("no_unused_search", {"find_unused_parameters": False})):
+        try:
+            distributed.train(adapted("mosa"), global_batches(), lr=STEPS_LR, loss_fn=two_pass_loss, ddp_options=options)
+            outcomes[label] = "trained"
+        except ak.AdapterError as error:
+            outcomes[label] = str(error)
+    return outcomes
+
+
 def _on_main(rank: int, out: Path) -> dict[str, Any]:
     model = adapted("lora")
     written = distributed.on_main(ak.save, model, out / "saved", "a")
@@ -215,7 +228,8 @@ def worker(rank: int, world: int, init: str, out_dir: str) -> None:
     report: dict[str, Any] = {"rank": rank, "errors": {}}
     jobs: list[tuple[str, Callable[[], Any]]] = [(f"ddp_{case}", lambda case=case: _ddp(case)) for case in ATTACH]
     jobs += [(f"fsdp_{case}", lambda case=case: _fsdp(case)) for case in FSDP_CASES]
-    jobs += [("ranking", ranking_run), ("desync", lambda: _desync(rank)), ("on_main", lambda: _on_main(rank, out))]
+    jobs += [("ranking", ranking_run), ("desync", lambda: _desync(rank)), ("on_main", lambda: _on_main(rank, out)),
+             ("mosa_settings", _mosa_settings)]
     try:
         for key, job in jobs:
             try:

@@ -79,6 +79,13 @@ def test_a_rank_that_drew_differently_is_refused_on_every_rank_before_any_change
         assert outcome.startswith("RankMismatchError unchanged=True"), outcome
 
 
+def test_mosa_fails_loudly_under_a_static_graph_or_without_the_unused_parameter_search(ranks):
+    for rank in range(WORLD):
+        outcome = _report(ranks, rank)["mosa_settings"]
+        assert "graph has changed" in outcome["static_graph"], outcome
+        assert "finished reduction in the prior iteration" in outcome["no_unused_search"], outcome
+
+
 def test_only_rank_zero_saves_and_its_errors_reach_every_rank(ranks):
     main, other = (_report(ranks, rank)["on_main"] for rank in range(WORLD))
     assert main["returned"] == str(ranks / "saved") and other["returned"] is None
