@@ -90,7 +90,7 @@ def _add_train_args(parser: argparse.ArgumentParser, method: str, selected: Mapp
 def build_parser(selected: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The full parser; ``selected`` chooses the method (``{"method": "shira"}``) and nested config
     classes (``{"base": "lora"}``) whose options ``train`` offers."""
-    from . import causal, clir, commands, demo, info, rank, train, transfer
+    from . import causal, clir, commands, demo, info, rank, serve, train, transfer
 
     selected = dict(selected or {})
     method = selected.get("method", DEFAULT_METHOD)
@@ -160,6 +160,7 @@ def build_parser(selected: Mapping[str, str] | None = None) -> argparse.Argument
     clir.register(sub, command)
     transfer.register(sub, command, method, selected)
     rank.register(sub, command)
+    serve.register(sub, command)
     return parser
 
 
