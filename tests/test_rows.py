@@ -104,14 +104,15 @@ def test_many_lora_adapters_of_two_ranks_gathered_or_grouped(mlp, monkeypatch, g
     for i in range(10):
         ak.attach(mlp, ak.LoRAConfig(r=2 + i % 2, target_modules=["0", "2"]), f"l{i}")
         randomise(mlp, f"l{i}", seed=i, scale=0.3)
-    names = [f"l{i % 10}" if i % 5 else None for i in range(24)]
     x = torch.randn(24, 3, 8, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad(), ak.per_row(mlp, names):
-        got = mlp(x)
-    for i, name in enumerate(names):
-        ak.activate(mlp, name)
-        with torch.no_grad():
-            torch.testing.assert_close(got[i:i + 1], mlp(x[i:i + 1]), atol=1e-5, rtol=0)
+    for names in ([f"l{i % 10}" if i % 5 else None for i in range(24)],  # base rows: gathered rows only
+                  [f"l{i % 3 * 2}" for i in range(24)]):  # every row one rank: added into the output in place
+        with torch.no_grad(), ak.per_row(mlp, names):
+            got = mlp(x)
+        for i, name in enumerate(names):
+            ak.activate(mlp, name)
+            with torch.no_grad():
+                torch.testing.assert_close(got[i:i + 1], mlp(x[i:i + 1]), atol=1e-5, rtol=0)
     assert bool(calls) == (gather_from == 1)  # two ranks: one gathered bmm per rank and module
 
 

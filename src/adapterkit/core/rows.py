@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -37,10 +37,11 @@ if TYPE_CHECKING:
 GATHER_MIN_GROUPS = 8
 
 
-@runtime_checkable
 class FactoredRows(Protocol):
     """A delta whose ``delta_output(x, s)`` is ``s · scaling · (x Aᵀ) Bᵀ`` for a linear module (LoRA
-    and its variants), so rows of many such adapters can share one batched matmul."""
+    and its variants), so rows of many such adapters can share one batched matmul. Layers opt in
+    by defining :meth:`row_factors` (looked up by name: a runtime protocol check costs more than
+    the small matmuls it guards)."""
 
     def row_factors(self) -> tuple[Tensor, Tensor, float] | None:
         """``(A (r × in), B (out × r), scaling)`` as :meth:`delta_output` uses them now, or
@@ -116,13 +117,21 @@ class RowSlot:
         self.__init__()
 
 
+#: modules whose output is always a new tensor: rows may be written into it in place
+FRESH_OUTPUT = (nn.Linear, nn.Conv2d, nn.Embedding)
+
+
 @dataclasses.dataclass
 class _Output:
-    """The module's output being built: writes go out of place first (the base module may hand
-    back a tensor it still uses) and in place afterwards, unless autograd records the forward."""
+    """The module's output being built: writes go out of place first (a module may hand back a
+    tensor it still uses, e.g. its input) and in place afterwards, unless autograd records."""
 
     value: Any
     owned: bool = False
+
+    @property
+    def in_place(self) -> bool:
+        return self.owned and not torch.is_grad_enabled()
 
     @property
     def hidden(self) -> Tensor:
@@ -138,7 +147,7 @@ class _Output:
     def add(self, rows: Tensor | None, delta: Tensor) -> None:
         hidden = self.hidden
         delta = delta.to(hidden.dtype)
-        in_place = self.owned and not torch.is_grad_enabled()
+        in_place = self.in_place
         if rows is None:
             self._set(hidden.add_(delta) if in_place else hidden + delta)
         else:
@@ -147,7 +156,7 @@ class _Output:
     def put(self, rows: Tensor, values: Tensor) -> None:
         hidden = self.hidden
         values = values.to(hidden.dtype)
-        in_place = self.owned and not torch.is_grad_enabled()
+        in_place = self.in_place
         self._set(hidden.index_copy_(0, rows, values) if in_place else hidden.index_copy(0, rows, values))
 
 
@@ -160,7 +169,7 @@ def run_rows(host: AdaptedModule, assignment: RowAssignment, x: Tensor, args: tu
     _check_rows(host, assignment, x)
     device = x.device
     a = assignment.on(device)
-    out = _Output(host.base_layer(x, *args, **kwargs))
+    out = _Output(host.base_layer(x, *args, **kwargs), owned=type(host.base_layer) in FRESH_OUTPUT)
     factored: dict[tuple[Any, ...], list[tuple[int, DeltaLayer, tuple[Tensor, Tensor, float]]]] = {}
     modules: list[tuple[int, ModuleLayer]] = []
     for k, layer in present:
@@ -172,7 +181,8 @@ def run_rows(host: AdaptedModule, assignment: RowAssignment, x: Tensor, args: tu
             replaced = {t: layer.part(t).apply(host.base_layer.get_parameter(t), 1.0) for t in layer.delta_tensors()}
             out.put(a.rows[k], _rerun(host.base_layer, replaced, x, a.rows[k], args, kwargs))
         elif isinstance(layer, DeltaLayer):
-            factors = layer.row_factors() if isinstance(layer, FactoredRows) else None
+            row_factors = getattr(layer, "row_factors", None)
+            factors = row_factors() if row_factors is not None else None
             if factors is None:
                 out.add(a.rows[k], layer.delta_output(x.index_select(0, a.rows[k]), 1.0))
             else:
@@ -228,8 +238,8 @@ def _gathered(out: _Output, a: RowAssignment, x: Tensor,
               group: list[tuple[int, DeltaLayer, tuple[Tensor, Tensor, float]]]) -> None:
     """One batched matmul pair for many LoRA groups: each row's A and B gathered (BGMV)."""
     lefts = torch.stack([f[0] for _, _, f in group])  # (n, r, in)
-    rights = torch.stack([f[1] for _, _, f in group])  # (n, out, r)
     scalings = torch.tensor([f[2] for _, _, f in group], dtype=lefts.dtype, device=lefts.device)
+    rights = torch.stack([f[1] for _, _, f in group]) * scalings.view(-1, 1, 1)  # (n, out, r), scaled
     slot = torch.full((len(a.adapters),), -1, dtype=torch.int64, device=x.device)
     slot[torch.tensor([k for k, _, _ in group], device=x.device)] = torch.arange(len(group), device=x.device)
     which = slot[a.group_of_row.clamp(min=0)].masked_fill_(a.group_of_row < 0, -1)
@@ -241,6 +251,11 @@ def _gathered(out: _Output, a: RowAssignment, x: Tensor,
     flat = sub.reshape(sub.shape[0], -1, sub.shape[-1]).to(lefts.dtype)
     which = which.to(lefts.device)
     h = torch.bmm(flat, lefts.index_select(0, which).transpose(1, 2))
-    delta = torch.bmm(h, rights.index_select(0, which).transpose(1, 2)) * scalings.index_select(0, which).view(-1, 1, 1)
+    right_rows = rights.index_select(0, which).transpose(1, 2)
+    hidden = out.hidden
+    if rows is None and out.in_place and hidden.dtype == h.dtype and hidden.is_contiguous():
+        # every row: accumulate straight into the output (no delta tensor, no extra pass)
+        hidden.view(h.shape[0], h.shape[1], -1).baddbmm_(h, right_rows)
+        return
+    delta = torch.bmm(h, right_rows)
     out.add(rows, delta.view(*sub.shape[:-1], delta.shape[-1]))
-
