@@ -131,6 +131,22 @@ def _ddp(case: str) -> Run:
     return Run(trainable(model), seen, losses)
 
 
+def _ddp_plain(case: str) -> Run:
+    """DDP around the model itself (as the Hugging Face Trainer wraps it) with MoSA's two passes
+    inside one forward (:func:`distributed.two_pass_in_one_forward`, what MoSATrainer uses)."""
+    model = adapted(case)
+    ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    seen: list[list[int]] = []
+
+    def loss(m: nn.Module, shard: distributed.Shard) -> Tensor:
+        distributed.check_draws(m)
+        return distributed.two_pass_in_one_forward(m, shard.batch) * shard.weight
+
+    losses = ak.train(ddp, distributed.ShardedBatches(global_batches()), lr=STEPS_LR, progress=False, loss_fn=loss,
+                      on_step=lambda *_: seen.append(draws(model)))
+    return Run(trainable(model), seen, losses)
+
+
 def _fsdp(case: str) -> Run:
     """FSDP2: ``fully_shard`` on the model, the same shards and weights, :func:`adapterkit.train`."""
     from torch.distributed.fsdp import fully_shard
@@ -228,6 +244,7 @@ def worker(rank: int, world: int, init: str, out_dir: str) -> None:
     report: dict[str, Any] = {"rank": rank, "errors": {}}
     jobs: list[tuple[str, Callable[[], Any]]] = [(f"ddp_{case}", lambda case=case: _ddp(case)) for case in ATTACH]
     jobs += [(f"fsdp_{case}", lambda case=case: _fsdp(case)) for case in FSDP_CASES]
+    jobs += [(f"ddpplain_{case}", lambda case=case: _ddp_plain(case)) for case in ("mosa", "mosa_bottleneck")]
     jobs += [("ranking", ranking_run), ("desync", lambda: _desync(rank)), ("on_main", lambda: _on_main(rank, out)),
              ("mosa_settings", _mosa_settings)]
     try:

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import adapterkit as ak
-from adapterkit.train import distributed
+from adapterkit.train import distributed, draws
 
 import distributed_support as support
 
@@ -64,6 +64,11 @@ def test_two_rank_ddp_equals_one_process(ranks, case):
 @pytest.mark.parametrize("case", support.FSDP_CASES)
 def test_two_rank_fsdp2_equals_one_process(ranks, case):
     _assert_equivalent(ranks, f"fsdp_{case}", case)
+
+
+@pytest.mark.parametrize("case", ["mosa", "mosa_bottleneck"])
+def test_mosa_two_passes_inside_one_forward_of_a_plainly_wrapped_model_equal_one_process(ranks, case):
+    _assert_equivalent(ranks, f"ddpplain_{case}", case)
 
 
 def test_per_step_draws_vary_and_agree_across_ranks(ranks):
@@ -136,3 +141,21 @@ def test_without_a_process_group_the_helpers_refuse_or_do_nothing():
         distributed.train(model, support.global_batches())
     distributed.check_draws(model)  # one process: nothing to compare
     assert distributed.on_main(lambda: 7) == 7 and distributed.is_main()
+
+
+def test_generator_states_round_trip_through_a_checkpoint_file_and_bad_ones_are_refused(tmp_path):
+    model = support.adapted("dylora")
+    ak.step(model)
+    ak.step(model)
+    assert draws.save_draws(model, tmp_path) == tmp_path / draws.DRAWS_FILE
+    fresh = support.adapted("dylora")
+    assert draws.fingerprint(fresh) != draws.fingerprint(model)
+    draws.restore_generator_states(fresh, draws.read_draws(fresh, tmp_path))
+    assert draws.fingerprint(fresh) == draws.fingerprint(model)
+    ak.step(model)
+    ak.step(fresh)
+    assert support.draws(fresh) == support.draws(model)
+    with pytest.raises(ak.CorruptFileError, match="no generator"):
+        draws.read_draws(support.adapted("lora"), tmp_path)  # LoRA has no per-step draws
+    assert draws.read_draws(model, tmp_path / "elsewhere") == {}
+    assert draws.save_draws(support.adapted("lora"), tmp_path / "lora") is None

@@ -30,7 +30,6 @@ Settings and why (measured with gloo on CPU, torch 2.13; see tests/test_distribu
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import torch
@@ -39,9 +38,12 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..core.composition import splits
-from ..core.outputs import loss_of
+from ..core.outputs import logits_of, loss_of
 from ..core.state import adapted_states
 from ..errors import AdapterError, ConfigError
+from ..methods.mosa.consistency import active_consistency_weight, consistency_loss
+from ..methods.mosa.method import resample
+from . import draws
 from .loop import train as train_loop
 
 Result = TypeVar("Result")
@@ -179,24 +181,6 @@ class ShardedBatches:
             yield shard_batch(batch, self.rank, self.world)
 
 
-def _generators(model: nn.Module) -> list[torch.Generator]:
-    """Every ``torch.Generator`` held by a layer of an active adapter (where per-step draws come from)."""
-    found = []
-    for state in adapted_states(inner_model(model)):
-        for name, _ in state.active:
-            for _, layer in state.layers(name):
-                for module in layer.modules():
-                    found += [v for v in vars(module).values() if isinstance(v, torch.Generator)]
-    return found
-
-
-def _digest(chunks: Iterable[bytes]) -> int:
-    h = hashlib.blake2b(digest_size=7)  # fits a non-negative int64
-    for chunk in chunks:
-        h.update(chunk)
-    return int.from_bytes(h.digest(), "little")
-
-
 def _gather(value: int) -> list[int]:
     out = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
     dist.all_gather(out, torch.tensor([value], dtype=torch.int64))
@@ -211,24 +195,18 @@ def _agree(values: list[int], what: str) -> None:
                                 "adapterkit.step once per optimizer step")
 
 
-def draws_fingerprint(model: nn.Module) -> int:
-    """A digest of the state of every per-step random generator of the active adapters: equal on
-    two ranks exactly when they have drawn the same sequence from the same seeds."""
-    return _digest(g.get_state().numpy().tobytes() for g in _generators(model))
-
-
 def check_draws(model: nn.Module) -> None:
     """Raise :class:`RankMismatchError` unless every rank's per-step draws agree (call after
     :func:`adapterkit.step`; one all-gather of 8 bytes). A no-op without a process group."""
     if rank_and_world()[1] > 1:
-        _agree(_gather(draws_fingerprint(model)), "per-step draws (DyLoRA ranks, MoSA module choices, ...)")
+        _agree(_gather(draws.fingerprint(model)), "per-step draws (DyLoRA ranks, MoSA module choices, ...)")
 
 
 def check_in_sync(model: nn.Module) -> None:
     """Raise :class:`RankMismatchError` unless every trainable value is bit-identical on all ranks."""
     if rank_and_world()[1] > 1:
         params = [p.detach().cpu().contiguous() for p in inner_model(model).parameters() if p.requires_grad]
-        _agree(_gather(_digest(p.reshape(-1).view(torch.uint8).numpy().tobytes() for p in params)), "trainable values")
+        _agree(_gather(draws.digest(p.reshape(-1).view(torch.uint8).numpy().tobytes() for p in params)), "trainable values")
 
 
 def shard_loss(ddp: nn.Module, shard: Shard) -> Tensor:
@@ -253,6 +231,39 @@ def train(model: nn.Module, batches: Iterable[Mapping[str, Any]], loss_fn: LossF
     summed = torch.tensor(local, dtype=torch.float64)
     dist.all_reduce(summed)  # each rank's weighted loss; their mean is the global batch's loss
     return (summed / dist.get_world_size()).tolist()
+
+
+def two_pass_in_one_forward(ddp: DistributedDataParallel, inputs: Any) -> Any:
+    """:func:`two_pass_loss` through a DDP-wrapped model with both passes inside one DDP forward:
+    the second runs in a forward hook of the wrapped model. DDP looks for unused parameters
+    (MoSA's unchosen modules) from one forward's output; with two forwards per backward, a module
+    only the first pass chose would be reported ready twice."""
+    inner = ddp.module
+    weight = active_consistency_weight(inner)
+    if weight == 0:
+        return loss_of(ddp(**inputs))
+    running = []
+
+    def second_pass(module: Any, args: Any, kwargs: Any, output: Any) -> Any:
+        if running:  # the second pass's own call
+            return None
+        if not isinstance(output, dict):  # ModelOutput and dicts: the loss is replaced in place
+            raise ConfigError(f"MoSA's consistency loss under DDP needs a model whose output is a dict or ModelOutput, "
+                              f"got {type(output).__name__}")
+        running.append(True)
+        try:
+            resample(module)
+            second = module(*args, **kwargs)
+        finally:
+            running.clear()
+        output["loss"] = loss_of(output) + weight * consistency_loss(logits_of(output), logits_of(second))
+        return output
+
+    handle = inner.register_forward_hook(second_pass, with_kwargs=True)
+    try:
+        return loss_of(ddp(**inputs))
+    finally:
+        handle.remove()
 
 
 def on_main(fn: Callable[..., Result], *args: Any, **kwargs: Any) -> Result | None:

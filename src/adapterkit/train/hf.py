@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer, TrainerCallback
 
 from ..core.api import adapters, detach
@@ -21,13 +22,16 @@ from ..io.artefact import load
 from ..io.artefact import save
 from ..core.steps import step
 from ..methods.mosa.consistency import two_pass_loss
+from .distributed import check_draws, two_pass_in_one_forward
+from .draws import read_draws, restore_generator_states, save_draws
 from .loop import FrozenNormStatistics
 
 
 class StepCallback(TrainerCallback):
     """Calls :func:`adapterkit.step` at the start of every optimizer step (once per
     gradient-accumulated step, not per micro-batch), and keeps frozen batch-norm statistics
-    fixed during training (:class:`~adapterkit.training.FrozenNormStatistics`)."""
+    fixed during training (:class:`~adapterkit.training.FrozenNormStatistics`). On several
+    processes it then checks that every rank drew alike (:func:`~adapterkit.train.distributed.check_draws`)."""
 
     def __init__(self) -> None:
         self._frozen_norms: FrozenNormStatistics | None = None
@@ -44,6 +48,7 @@ class StepCallback(TrainerCallback):
     def on_step_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if model is not None:  # also finds the adapted model inside DistributedDataParallel & co.
             step(model)
+            check_draws(model)
 
 
 def load_values(model: Any, directory: Path, names: Sequence[str]) -> None:
@@ -80,7 +85,10 @@ class AdapterTrainer(Trainer):
 
     ``resume_from_checkpoint`` and ``load_best_model_at_end`` work: the checkpoint's adapter
     values are copied into the attached adapters of the same names, in place (the parameter
-    objects stay, so the optimizer state the Trainer restores lines up with them).
+    objects stay, so the optimizer state the Trainer restores lines up with them). Checkpoints
+    also hold the adapters' per-step generator states (:mod:`adapterkit.train.draws`), so a resumed
+    run draws DyLoRA ranks / MoSA choices as the uninterrupted run would. Only the main process
+    writes adapter files (``args.should_save``).
     """
 
     def __init__(self, *args: Any, adapter_names: Sequence[str] | None = None, save_format: str = "adapterkit", **kwargs: Any) -> None:
@@ -97,9 +105,16 @@ class AdapterTrainer(Trainer):
         for name in self.adapter_names or adapters(model):
             save(model, directory / name, name, format=self.save_format)
 
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        if self.args.should_save:  # the ranks' generators are equal (StepCallback checks)
+            save_draws(self.accelerator.unwrap_model(self.model), output_dir)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        draws = read_draws(model, resume_from_checkpoint)  # checked first: a bad file changes nothing
         load_values(model, Path(resume_from_checkpoint), self.adapter_names or adapters(model))
+        restore_generator_states(model, draws)
 
     def _load_best_model(self) -> None:
         model = self.accelerator.unwrap_model(self.model)
@@ -113,4 +128,6 @@ class MoSATrainer(AdapterTrainer):
     def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
         if return_outputs:  # evaluation: merged weights, one pass
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if isinstance(model, DistributedDataParallel):
+            return two_pass_in_one_forward(model, inputs)
         return two_pass_loss(model, inputs)
