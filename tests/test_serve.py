@@ -317,3 +317,26 @@ def test_symlinks_inside_the_root_are_fine(served, saved):
     assert client.post("/adapters", json={"path": "alias"}).status_code == 201
     response = client.post("/predict", json={"adapter": "head", "texts": [TEXTS[2]]})
     check_logits(reference, "head", [TEXTS[2]], response.json())
+
+
+def test_generate_endpoint_on_a_causal_lm(tmp_path, one_thread):
+    from adapterkit.apps.serve import AdapterStore, Engine
+    from serve_support import LM_ADAPTERS, PROMPTS, chat_lm, lm_reference
+
+    source, tokenizer = chat_lm()
+    save_adapters(source, {"lm_lora": LM_ADAPTERS["lm_lora"]}, tmp_path, scale=0.5)
+    model, _ = chat_lm()
+    store = AdapterStore(model, tmp_path)
+    store.load("lm_lora")
+    engine = Engine(model, tokenizer, store, EngineSettings(max_new_tokens=8, max_prompt_tokens=40, max_wait_ms=1))
+    with TestClient(create_app(engine)) as client:
+        for adapter in (None, "lm_lora"):
+            response = client.post("/generate", json={"adapter": adapter, "prompt": PROMPTS[1], "max_new_tokens": 6})
+            assert response.status_code == 200, response.text
+            assert response.json()["text"] == lm_reference(source, tokenizer, adapter, PROMPTS[1], 6)
+        assert client.post("/generate", json={"prompt": "x", "max_new_tokens": 9}).status_code == 422  # over the limit
+        too_long = client.post("/generate", json={"prompt": "x" * 60})  # more prompt tokens than the server takes
+        assert too_long.status_code == 422 and "tokens" in too_long.json()["detail"]
+        assert client.post("/predict", json={"texts": ["x"]}).status_code == 400
+        assert client.post("/generate", json={"adapter": "nope", "prompt": "x"}).status_code == 404
+        assert client.get("/health").json()["task"] == "causal-lm"

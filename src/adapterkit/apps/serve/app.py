@@ -57,7 +57,7 @@ class GenerateRequest(_Body):
 
     adapter: AdapterName | None = None
     prompt: Text
-    max_new_tokens: Annotated[int, Field(ge=1, le=SCHEMA_MAX_NEW_TOKENS)] = 32
+    max_new_tokens: Annotated[int, Field(ge=1, le=SCHEMA_MAX_NEW_TOKENS)] | None = None  # None: 32 or the server's limit
 
 
 class LoadRequest(_Body):

@@ -36,6 +36,7 @@ from .store import AdapterStore, LoadedAdapter
 
 CLASSIFICATION, CAUSAL_LM = "classification", "causal-lm"
 TASKS = (CLASSIFICATION, CAUSAL_LM)
+DEFAULT_NEW_TOKENS = 32
 log = logging.getLogger(__name__)
 
 
@@ -112,6 +113,7 @@ class _Generate(_Job):
     prompt: str
     max_new_tokens: int
     rows: int = 1
+    ids: list[int] = dataclasses.field(default_factory=list)  # the prompt's tokens, set by the worker
 
 
 @dataclasses.dataclass
@@ -221,12 +223,14 @@ class Engine:
         self._check_adapter(adapter)
         return self._submit(_Predict(adapter, tuple(texts)))
 
-    def submit_generate(self, adapter: str | None, prompt: str, max_new_tokens: int = 32) -> Future:
-        """Queue a greedy generate request; the future gives a :class:`Generation`."""
+    def submit_generate(self, adapter: str | None, prompt: str, max_new_tokens: int | None = None) -> Future:
+        """Queue a greedy generate request; the future gives a :class:`Generation`. ``max_new_tokens``
+        defaults to :data:`DEFAULT_NEW_TOKENS` or the server's limit, whichever is smaller."""
         if self.task != CAUSAL_LM:
             raise UnsupportedError(f"this server runs a {self.task} model; use predict")
         self._check_text(prompt, "prompt")
         limit = self.settings.max_new_tokens
+        max_new_tokens = min(DEFAULT_NEW_TOKENS, limit) if max_new_tokens is None else max_new_tokens
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or not 1 <= max_new_tokens <= limit:
             raise ConfigError(f"max_new_tokens must be an integer from 1 to {limit}, got {max_new_tokens!r}")
         self._check_adapter(adapter)
@@ -249,7 +253,8 @@ class Engine:
     def predict(self, adapter: str | None, texts: Sequence[str], timeout: float | None = None) -> Prediction:
         return self.submit_predict(adapter, texts).result(timeout)
 
-    def generate(self, adapter: str | None, prompt: str, max_new_tokens: int = 32, timeout: float | None = None) -> Generation:
+    def generate(self, adapter: str | None, prompt: str, max_new_tokens: int | None = None,
+                 timeout: float | None = None) -> Generation:
         return self.submit_generate(adapter, prompt, max_new_tokens).result(timeout)
 
     # -- the worker -------------------------------------------------------------------------------
@@ -307,6 +312,8 @@ class Engine:
                                                               "the request was queued)"))
                 continue
             jobs.append(job)
+        if self.task == CAUSAL_LM:
+            jobs = self._tokenized(jobs)
         if not jobs:
             return
         try:
@@ -337,19 +344,21 @@ class Engine:
                                       None if labels is None else list(labels)))
         return results
 
-    def _generate(self, jobs: list[_Job]) -> list[Generation]:
+    def _tokenized(self, jobs: list[_Job]) -> list[_Job]:
+        """The generate jobs whose prompts fit (their token ids set); a prompt too long fails alone."""
         assert self.generator is not None
-        prompts, ready = [], []
-        for job in jobs:  # a prompt too long for the server fails alone
+        ready = []
+        for job in jobs:
             try:
-                prompts.append(self.generator.prompt_ids(job.prompt, self.settings.max_prompt_tokens))
+                job.ids = self.generator.prompt_ids(job.prompt, self.settings.max_prompt_tokens)
                 ready.append(job)
             except AdapterError as error:
                 job.future.set_exception(error)
-        jobs[:] = ready
-        if not jobs:
-            return []
-        answers: list[Generated] = self.generator.generate([j.adapter for j in jobs], prompts,
+        return ready
+
+    def _generate(self, jobs: list[_Job]) -> list[Generation]:
+        assert self.generator is not None
+        answers: list[Generated] = self.generator.generate([j.adapter for j in jobs], [j.ids for j in jobs],
                                                            [j.max_new_tokens for j in jobs])
         self.metrics.record_batch(len(jobs))
         return [Generation(job.adapter, answer.text, answer.tokens) for job, answer in zip(jobs, answers)]
