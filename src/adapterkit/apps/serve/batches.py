@@ -30,6 +30,11 @@ def rows(model: nn.Module, names: Names) -> ContextManager[Any]:
     return per_row(model, list(names)) if adapted_states(model) else contextlib.nullcontext()
 
 
+def _device(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
 @dataclasses.dataclass(frozen=True)
 class Generated:
     """One row's answer: the decoded text and the number of new tokens (an end token included)."""
@@ -43,10 +48,11 @@ def classify(model: nn.Module, tokenizer: Any, names: Names, texts: Sequence[str
     if len(names) != len(texts):
         raise ConfigError(f"{len(names)} adapter names for {len(texts)} texts")
     encoded = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    inputs = {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    device = _device(model)
+    inputs = {k: v.to(device) for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     with torch.no_grad(), rows(model, names):
         logits = logits_of(model(**inputs))
-    return logits.detach().float()
+    return logits.detach().float().cpu()
 
 
 class Generator:
@@ -80,8 +86,10 @@ class Generator:
             mask[row, width - len(prompt):] = 1
         config = GenerationConfig(max_new_tokens=max(max_new_tokens), do_sample=False,
                                   eos_token_id=list(self.format.stop_ids), pad_token_id=self.format.pad_id)
+        device = _device(self.model)
         with torch.no_grad(), rows(self.model, names):
-            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                      generation_config=config).cpu()
         stops = set(self.format.stop_ids)
         answers = []
         for row, limit in enumerate(max_new_tokens):
