@@ -169,3 +169,16 @@ def test_cli_builds_an_engine_from_a_model_directory_and_confines_startup_adapte
 
     assert main(["serve", "--model", str(model_dir), "--adapters", str(root / "sst"), "--root", str(model_dir)]) == 2
     assert "under the server's root" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_model_serves_mixed_batches_equal_to_cpu_references(saved):
+    root, reference = saved
+    engine = classifier_engine(root, EngineSettings(max_length=64, max_wait_ms=20), ("lora", "shira", "onebit", "head"))
+    engine.model.cuda()
+    with engine:
+        futures = [(name, text, engine.submit_predict(name, [text]))
+                   for name in (None, "lora", "shira", "onebit", "head") for text in TEXTS[:3]]
+        for name, text, future in futures:
+            assert torch.allclose(torch.tensor(future.result(60).logits[0]), reference(name, text), atol=1e-4)
