@@ -24,6 +24,8 @@ import time
 from typing import Annotated, Any, AsyncIterator
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -88,6 +90,11 @@ def create_app(engine: Engine, *, close_engine: bool = True) -> FastAPI:
     @app.exception_handler(AdapterError)
     async def adapter_error(request: Request, error: AdapterError) -> JSONResponse:
         return JSONResponse(error_body(error), status_code=status_of(error))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        # the same body shape as every other error; "detail" keeps pydantic's list of what is wrong
+        return JSONResponse({"error": "RequestValidationError", "detail": jsonable_encoder(error.errors())}, status_code=422)
 
     @app.middleware("http")
     async def count(request: Request, call_next: Any) -> Any:

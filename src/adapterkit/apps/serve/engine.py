@@ -323,6 +323,7 @@ class Engine:
                 job.future.set_exception(error)
             return
         except Exception as error:
+            log.exception("adapterkit serve: a batch failed")
             failure = InferenceError(f"the forward failed: {type(error).__name__}: {error}")
             for job in jobs:
                 job.future.set_exception(failure)
