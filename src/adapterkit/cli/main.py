@@ -79,6 +79,9 @@ def _add_train_args(parser: argparse.ArgumentParser, method: str, selected: Mapp
                         help="data order and head init; also the config's seed field where the method has one")
     parser.add_argument("--format", choices=("adapterkit", "peft"), default="adapterkit",
                         help="file format; peft writes the portable form (DyLoRA: a plain LoRA at rank r_max)")
+    if task != causal.CAUSAL_LM:  # data-parallel training: cli/train.py
+        parser.add_argument("--nproc", type=int, default=1, help="local processes training data-parallel (DDP on "
+                            "gloo): the same global batches as 1 process, each its share of the rows; rank 0 saves")
     taken = {"--debug", "-h", "--help", *(s for a in parser._actions for s in a.option_strings)}
     parser.add_argument("--targets", dest=DEST + "target_modules", type=parse_targets, default=argparse.SUPPRESS,
                         help="alias of --target-modules")

@@ -3,23 +3,30 @@
 Everything that can be checked is checked before the first training step: the options (the
 method's config is built and validated first), the data file (every line), and the output
 format, by writing the freshly attached adapter to a temporary directory in that format.
+``--nproc N`` does all of that in this process, then starts N local processes (torch.distributed's
+elastic launcher, gloo) that train data-parallel on the same global batches.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
+import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..core import api
 from ..core.registry import AdapterMethod, get_method
-from ..errors import UnsupportedError
+from ..errors import AdapterError, ConfigError, UnsupportedError
 from ..io import artefact
 from ..io.safefiles import write_json
 from ..methods.mosa import two_pass_loss
+from ..train import distributed
 from ..train.loop import TextBatches, accuracy, default_learning_rate, train as train_loop
 from .commands import LABELS_FILE, dataset, load_model
 from .options import build_config
@@ -42,8 +49,19 @@ def _check_format(method: AdapterMethod, format: str) -> None:
         raise UnsupportedError(f"method {method.name!r} has no PEFT file format; use --format adapterkit")
 
 
-def train(args: argparse.Namespace) -> int:
-    """Train, evaluate on the held-out split and save one adapter (see the module docstring)."""
+@dataclasses.dataclass
+class Prepared:
+    """Everything a training run needs, built and checked (the adapter attached, a trial save done)."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    batches: TextBatches
+    train_set: Any
+    test_set: Any
+    lr: float
+
+
+def _prepare(args: argparse.Namespace, announce: bool = True) -> Prepared:
     method = get_method(args.method)
     config = build_config(method.config_class, args)
     _check_format(method, args.format)
@@ -62,15 +80,63 @@ def train(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as scratch:  # the save must work before hours of training
         _write(model, Path(scratch) / "adapter", args.name, args.format)
     lr = args.lr if args.lr is not None else default_learning_rate(model)
-    trainable, total = api.trainable_parameters(model)
-    print(f"training {method.name} adapter {args.name!r}: {trainable:,} trainable of {total:,} parameters on "
-          f"{len(train_set)} examples; learning rate {lr:g}" + ("" if args.lr is not None else " (method default)"))
-    # two_pass_loss is the plain loss unless an active adapter asks for a consistency pass (MoSA)
-    train_loop(model, batches, epochs=args.epochs, lr=lr, loss_fn=two_pass_loss)
-    acc = accuracy(model, TextBatches(tokenizer, test_set, 128, args.max_length, by_length=True))
-    _write(model, args.out, args.name, args.format)
-    if train_set.label_names:
-        write_json(Path(args.out) / LABELS_FILE, {"label_names": list(train_set.label_names)})
-        print(f"class ids: {json.dumps(dict(enumerate(train_set.label_names)))} (in {LABELS_FILE})")
-    print(f"held-out accuracy {acc:.3f} on {len(test_set)} examples; adapter saved to {args.out}")
+    if announce:
+        trainable, total = api.trainable_parameters(model)
+        processes = f" on {args.nproc} processes" if getattr(args, "nproc", 1) > 1 else ""
+        print(f"training {method.name} adapter {args.name!r}: {trainable:,} trainable of {total:,} parameters on "
+              f"{len(train_set)} examples{processes}; learning rate {lr:g}"
+              + ("" if args.lr is not None else " (method default)"), flush=True)
+    return Prepared(model, tokenizer, batches, train_set, test_set, lr)
+
+
+def _finish(run: Prepared, args: argparse.Namespace) -> int:
+    """Held-out accuracy, the adapter (and class names) written, the summary printed."""
+    acc = accuracy(run.model, TextBatches(run.tokenizer, run.test_set, 128, args.max_length, by_length=True))
+    _write(run.model, args.out, args.name, args.format)
+    if run.train_set.label_names:
+        write_json(Path(args.out) / LABELS_FILE, {"label_names": list(run.train_set.label_names)})
+        print(f"class ids: {json.dumps(dict(enumerate(run.train_set.label_names)))} (in {LABELS_FILE})")
+    print(f"held-out accuracy {acc:.3f} on {len(run.test_set)} examples; adapter saved to {args.out}", flush=True)
     return 0
+
+
+def train(args: argparse.Namespace) -> int:
+    """Train, evaluate on the held-out split and save one adapter (see the module docstring).
+    With ``--nproc N > 1`` everything is checked here first, then N local processes train
+    data-parallel (:func:`rank_main`)."""
+    nproc = getattr(args, "nproc", 1)
+    if not isinstance(nproc, int) or nproc < 1:
+        raise ConfigError(f"--nproc must be an integer >= 1, got {nproc!r}")
+    run = _prepare(args)
+    if nproc == 1:
+        # two_pass_loss is the plain loss unless an active adapter asks for a consistency pass (MoSA)
+        train_loop(run.model, run.batches, epochs=args.epochs, lr=run.lr, loss_fn=two_pass_loss)
+        return _finish(run, args)
+    del run  # each process builds its own
+    return max(distributed.launch(rank_main, nproc, (args,)).values())
+
+
+def rank_main(args: argparse.Namespace) -> int:
+    """One process of ``--nproc N``: the same model, adapter and global batches as ``--nproc 1``,
+    this rank's rows of each batch under DDP (:func:`adapterkit.train.distributed.train`); rank 0
+    evaluates and writes the adapter."""
+    import torch.distributed as dist
+
+    from .main import _quiet_transformers
+
+    _quiet_transformers()  # as the launching process did
+    dist.init_process_group("gloo")
+    try:
+        rank, world = distributed.rank_and_world()
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))  # the cores, shared
+        try:
+            run = _prepare(args, announce=False)
+            if rank:  # dropout masks differ across ranks as they do across the rows of one batch
+                torch.manual_seed(args.seed + rank)
+            distributed.train(run.model, run.batches, epochs=args.epochs, lr=run.lr, loss_fn=two_pass_loss)
+            return distributed.on_main(_finish, run, args) or 0
+        except (AdapterError, OSError, ValueError) as error:  # what main() reports in one line
+            print(f"adapterkit: error (rank {rank}): {error}", file=sys.stderr, flush=True)
+            return 2
+    finally:
+        dist.destroy_process_group()

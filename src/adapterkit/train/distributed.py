@@ -54,6 +54,10 @@ class RankMismatchError(AdapterError):
     """Ranks disagree on what must be identical: per-step draws or trainable values."""
 
 
+class RankFailedError(AdapterError):
+    """A process started by :func:`launch` died (an uncaught error, a signal)."""
+
+
 def rank_and_world() -> tuple[int, int]:
     """``(rank, world size)`` of the default process group; ``(0, 1)`` without one."""
     if dist.is_available() and dist.is_initialized():
@@ -300,13 +304,18 @@ def launch(fn: Callable[..., Any], nproc: int, args: Sequence[Any] = ()) -> dict
     """Run ``fn(*args)`` in ``nproc`` local processes through ``torch.distributed.run``'s Python API
     (elastic_launch, the engine behind ``torchrun --standalone``): each gets RANK, WORLD_SIZE and
     a free MASTER_PORT in its environment. ``fn`` must be importable (a module-level function).
-    Returns each rank's return value; a failed rank raises ``ChildFailedError``."""
+    Returns each rank's return value; a rank that died raises :class:`RankFailedError`."""
     import uuid
 
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
         raise ConfigError(f"nproc must be an integer >= 1, got {nproc!r}")
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, start_method="spawn")
-    return elastic_launch(config, fn)(*args)
+    try:
+        return elastic_launch(config, fn)(*args)
+    except ChildFailedError as error:
+        failed = ", ".join(f"rank {rank} (exit status {f.exitcode})" for rank, f in sorted(error.failures.items()))
+        raise RankFailedError(f"{failed} failed; its error is printed above") from None
