@@ -89,3 +89,9 @@ bench-rank: $(STAMP)
 	$(RANK) --seeds 0
 	$(RANK) --seeds 1,2
 	$(PY) bench/rank_report.py
+
+# Data-parallel scaling (issue 14): 1 vs 2 processes (DDP, gloo) on MiniLM for LoRA and MoSA: step time,
+# examples/s, bytes all-reduced per step vs the full model (~10-15 min on 2 otherwise idle cores).
+.PHONY: bench-ddp
+bench-ddp: $(STAMP)
+	$(PY) bench/ddp_scaling.py
