@@ -66,7 +66,8 @@ def test_endpoints_list_load_predict_unload_and_report(served, saved):
     loaded = client.post("/adapters", json={"path": "onebit"})
     assert loaded.status_code == 201 and loaded.json()["bits"] == 1
     memory = loaded.json()["memory"]
-    assert memory["codes"] > 0 and memory["file"] < memory["parameters"]  # fp32 latents held; packed on disk
+    # loaded packed: only the codes (8 a byte) and μ, σ are held, the file's tensors
+    assert memory["parameters"] == memory["codes"] == 0 and 0 < memory["held"] == memory["buffers"] < memory["file"]
     renamed = client.post("/adapters", json={"path": str(saved[0] / "lora"), "name": "lora2"})
     assert renamed.status_code == 201 and renamed.json()["name"] == "lora2"
 

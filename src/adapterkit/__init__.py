@@ -32,6 +32,7 @@ from .core.api import (
 from .io.artefact import export, load, save
 from .core.activation import routing
 from .core.per_row import per_row
+from .core.packing import is_packed, pack, unpack
 from .core.composition import Add, Split, Stack
 from .core.config import AdapterConfig
 from .errors import (
@@ -114,6 +115,9 @@ __all__ = [
     "Split",
     "routing",
     "per_row",
+    "pack",
+    "unpack",
+    "is_packed",
     "StepCallback",
     "step",
     "FrozenNormStatistics",

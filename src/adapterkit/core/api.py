@@ -28,6 +28,7 @@ from ..errors import (
 )
 from .host import ModelHost
 from .layers import DeltaLayer, ModuleCopy
+from .packing import layers_packed
 from .registry import method_for
 from .build import commit, prepare, replace_module
 from .state import ModelState, Weighted, drop_state, get_state, is_fusable
@@ -287,6 +288,8 @@ def quantize(model: nn.Module, name: str, bits: int, method: str = "gaussian_med
     config = record.config.replace(bits=bits, quantization=method)  # validates
     if any(n == name for n, _ in state.fused):
         raise FusedStateError(f"adapter {name!r} is fused; unfuse it before changing its precision")
+    if layers_packed([layer for _, layer in state.layers(name)]):
+        raise UnsupportedError(f"adapter {name!r} is packed for inference; ak.unpack(model, {name!r}) before changing its precision")
     for _, layer in state.layers(name):
         layer.set_quantization(bits, method)
     state.adapters[name] = dataclasses.replace(record, config=config)

@@ -16,6 +16,7 @@ from ..errors import BaseModelMismatchError, ConfigError, DuplicateAdapterError,
 from .config import AdapterConfig
 from .host import AdaptedModule, ModelHost
 from .layers import AdapterLayer, ModuleCopy
+from .packing import layers_packed
 from .registry import method_for
 from .snapshot import ModelSnapshot
 from .state import AdapterRecord, ModelState, ensure_state, get_state, is_fusable
@@ -133,8 +134,9 @@ def commit(model: nn.Module, prepared: PreparedAdapter) -> None:
     for param in model.parameters():
         if id(param) not in adapter_params:
             param.requires_grad_(False)
+    trainable = not layers_packed(list(prepared.layers.values()))  # loaded packed: inference only
     for layer in prepared.layers.values():
-        layer.requires_grad_(True)
+        layer.requires_grad_(trainable)
     state.adapters[record.name] = record
     if not state.active:
         state.active = ((record.name, 1.0),)

@@ -27,8 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import BaseModelMismatchError, CorruptFileError
+from . import packed
 from .fusion import TensorDelta
-from .quantization import Quantizer
+from .quantization import CODES, STATS, Quantizer, check_packed, decode
 from .workspace import Workspace
 
 
@@ -36,7 +37,8 @@ class AdapterLayer(nn.Module):
     """One adapter's state at one base module.
 
     Methods read their weights through :meth:`weight_of`, so any adapter can be low-bit: a
-    quantised tensor is returned fake-quantised (:mod:`adapterkit.quantization`).
+    quantised tensor is returned fake-quantised (:mod:`adapterkit.quantization`), or dequantised
+    from its codes when the adapter is packed for inference (:mod:`adapterkit.core.packed`).
     """
 
     def __init__(self, adapter_name: str) -> None:
@@ -59,9 +61,10 @@ class AdapterLayer(nn.Module):
 
     def weight_of(self, name: str) -> Tensor:
         """Parameter ``name`` as the forward uses it (dequantised when the adapter is low-bit)."""
-        param = self.get_parameter(name)
         quantizer = self.quantizers.get(name)
-        return param if quantizer is None else quantizer(param)
+        if quantizer is None:
+            return self.get_parameter(name)
+        return packed.low_bit(*packed.split(self, name), quantizer)
 
     def stored_shape(self, name: str, tensors: Mapping[str, Tensor]) -> torch.Size:
         """The shape of parameter ``name`` as saved in ``tensors`` (whose value arrives as packed
@@ -80,8 +83,9 @@ class AdapterLayer(nn.Module):
                         nn.init.trunc_normal_(param, std=1e-3, a=-2e-3, b=2e-3)
 
     def tensors(self) -> dict[str, Tensor]:
-        """The tensors that are saved for this layer, by local key."""
-        return {k: v.detach() for k, v in self.state_dict().items()}
+        """The tensors that are saved for this layer, by local key (packed low-bit tensors already
+        in their file form, ``<name>.codes`` and ``<name>.quant_stats``)."""
+        return packed.as_saved(self, {k: v.detach() for k, v in self.state_dict().items()}, list(self.quantizers))
 
     def accepted_keys(self) -> set[str]:
         """Local keys a saved file may hold for this layer (a method may accept several layouts)."""
@@ -93,6 +97,27 @@ class AdapterLayer(nn.Module):
         ``where`` names the file and module for error messages.
         """
         _check_and_copy(self.state_dict(), tensors, where)
+
+    def load_packed(self, tensors: Mapping[str, Tensor], where: str) -> None:
+        """Load saved tensors with the low-bit ones held packed (inference only). A layer that loads
+        by copying its state dict takes the file's codes straight into its buffers: no dequantised
+        value is ever made. A layer with its own :meth:`load_tensors` (sizes or orders set by the
+        file) loads the dequantised values, packed again at once (one layer's worth, transiently)."""
+        shapes = {k: self.stored_shape(k, tensors) for k in self.quantizers}
+        if type(self).load_tensors is AdapterLayer.load_tensors:
+            keys: dict[str, str] = {}
+            for key, quantizer in self.quantizers.items():
+                check_packed(tensors.get(f"{key}.{CODES}"), tensors.get(f"{key}.{STATS}"), shapes[key].numel(),
+                             quantizer.bits, f"{where}: {key!r}")
+                keys.update(packed.reserve(self, key, shapes[key], quantizer))
+            self.load_tensors({keys.get(k, k): v for k, v in tensors.items()}, where)
+            return
+        values, codes = decode(tensors, self.quantizers, shapes, where)
+        self.load_tensors(values, where)
+        for key, q in codes.items():
+            self.quantizers[key].remember(self.get_parameter(key), q)
+        for key, quantizer in self.quantizers.items():
+            packed.pack_tensor(self, key, quantizer)
 
 
 class DeltaLayer(AdapterLayer):
@@ -144,7 +169,8 @@ class DeltaLayer(AdapterLayer):
 
     def delta_weight(self, shape: torch.Size, dtype: torch.dtype = torch.float32) -> Tensor:
         """The dense ΔW (for analysis, e.g. :mod:`adapterkit.metrics`; never used in training)."""
-        weight = torch.zeros(shape, dtype=dtype, device=next(iter(self.parameters())).device)
+        held = next(iter([*self.parameters(), *self.buffers()]))  # a packed adapter may have no parameters
+        weight = torch.zeros(shape, dtype=dtype, device=held.device)
         self.add_to_weight(weight, 1.0)
         return weight
 

@@ -6,7 +6,8 @@ the nearest level of a fixed codebook (``gaussian_median``: the levels that are 
 their cells under N(0, 1) — ±0.6745 at 1 bit; or XNOR's ``sign_mean``: ``sign(W)·mean|W|``, 1 bit
 only). The forward uses the dequantised weight ``σ·c[code] + μ``; the gradient is the
 straight-through estimator's, with μ and σ inside autograd. Files store the codes packed
-``8/b`` per byte, low bits first, plus μ and σ: ``numel·b/8 + 8`` bytes a tensor.
+``8/b`` per byte, low bits first, plus μ and σ: ``numel·b/8 + 8`` bytes a tensor; for inference
+a model may hold them the same way (:mod:`adapterkit.core.packed`).
 """
 
 from __future__ import annotations
@@ -108,10 +109,10 @@ class Quantizer:
         self._stamp, self._codes, self._remembered = TensorStamp(latent), q, remembered
 
     def levels(self, device: Any) -> Tensor:
-        return (torch.tensor([-1.0, 1.0]) if self.method == "sign_mean" else codebook(self.bits)[0]).to(device)
+        return levels(self.bits, self.method, device)
 
     def dequantize(self, q: Quantized, shape: torch.Size) -> Tensor:
-        return (q.sigma * self.levels(q.codes.device)[q.codes] + q.mu).view(shape)
+        return dequantize(q, self.bits, self.method, shape)
 
     def __call__(self, latent: Tensor) -> Tensor:
         """The dequantised tensor (exact), with the straight-through gradient to ``latent``."""
@@ -120,6 +121,20 @@ class Quantizer:
     def remember(self, latent: Tensor, q: Quantized) -> None:
         """After loading: ``latent`` holds ``dequantize(q)``; keep using exactly ``q``."""
         self._keep(latent, q, remembered=True)
+
+    def release(self) -> None:
+        """Drop the cached codes (the tensor was packed: its codes live in the model's buffers)."""
+        self._stamp, self._codes, self._remembered = None, None, False
+
+
+def levels(bits: int, method: str, device: Any) -> Tensor:
+    """The codebook's values: ``[-1, 1]`` for ``sign_mean``, the Gaussian medians otherwise."""
+    return (torch.tensor([-1.0, 1.0]) if method == "sign_mean" else codebook(bits)[0]).to(device)
+
+
+def dequantize(q: Quantized, bits: int, method: str, shape: torch.Size) -> Tensor:
+    """``σ·c[code] + μ`` in fp32 (the one formula of the fake-quantised and the packed forward)."""
+    return (q.sigma * levels(bits, method, q.codes.device)[q.codes] + q.mu).view(shape)
 
 
 class _FakeQuantize(torch.autograd.Function):
@@ -160,8 +175,9 @@ def pack(codes: Tensor, bits: int) -> Tensor:
 
 
 def unpack(packed: Tensor, bits: int, count: int) -> Tensor:
+    """The inverse of :func:`pack`: ``count`` int64 codes, on ``packed``'s device."""
     per_byte = 8 // bits
-    shifts = torch.arange(per_byte, dtype=torch.int32) * bits
+    shifts = torch.arange(per_byte, dtype=torch.int32, device=packed.device) * bits
     codes = (packed.to(torch.int32).view(-1, 1) >> shifts) & (2 ** bits - 1)
     return codes.view(-1)[:count].to(torch.int64)
 
@@ -205,10 +221,15 @@ def decode(tensors: Mapping[str, Tensor], quantizers: Mapping[str, Quantizer], s
             continue
         packed, stats = out.pop(f"{key}.{CODES}"), out.pop(f"{key}.{STATS}", None)
         count = math.prod(shapes[key])
-        if packed.dtype != torch.uint8 or packed.numel() != math.ceil(count * quantizer.bits / 8) \
-                or stats is None or stats.numel() != 2:
-            raise CorruptFileError(f"{where}: {key!r} is not {count} packed {quantizer.bits}-bit codes with mean and std")
+        check_packed(packed, stats, count, quantizer.bits, f"{where}: {key!r}")
         q = Quantized(unpack(packed, quantizer.bits, count), stats[0].float(), stats[1].float())
         out[key] = quantizer.dequantize(q, shapes[key])
         found[key] = q
     return out, found
+
+
+def check_packed(packed: Tensor | None, stats: Tensor | None, count: int, bits: int, what: str) -> None:
+    """Saved codes must be ``count`` packed ``bits``-bit codes (uint8) with a mean and a std."""
+    if packed is None or packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != math.ceil(count * bits / 8) \
+            or stats is None or stats.numel() != 2 or not stats.is_floating_point():
+        raise CorruptFileError(f"{what} is not {count} packed {bits}-bit codes with mean and std")

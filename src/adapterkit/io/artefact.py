@@ -89,8 +89,14 @@ def save(model: nn.Module, directory: str | Path, name: str | Block = "default",
 
 
 def _dequantized(layer: AdapterLayer, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """PEFT has no low-bit format: low-bit tensors are written dequantised (what the forward uses)."""
-    return {k: layer.weight_of(k).detach() if k in layer.quantizers else t for k, t in tensors.items()}
+    """PEFT has no low-bit format: low-bit tensors (latent or packed) are written dequantised (what the forward uses)."""
+    out = dict(tensors)
+    for key in layer.quantizers:
+        codes = out.pop(f"{key}.{quantization.CODES}", None)
+        out.pop(f"{key}.{quantization.STATS}", None)
+        if codes is not None or key in out:
+            out[key] = layer.weight_of(key).detach()
+    return out
 
 
 def export(model: nn.Module, name: str, directory: str | Path, format: str = "peft", **options: Any) -> Path:
@@ -168,7 +174,7 @@ def _clear_stale(directory: Path, weights: str) -> None:
 
 
 def load(model: nn.Module, directory: str | Path, name: str | None = None, *,
-         ignore_fingerprint: bool = False, verify: str = "sampled", fuse: bool = False) -> str:
+         ignore_fingerprint: bool = False, verify: str = "sampled", fuse: bool = False, packed: bool = False) -> str:
     """Attach the adapter saved in ``directory`` (adapterkit or PEFT format); return its name.
 
     The name defaults to the saved one (``"default"`` for PEFT directories). A base model whose
@@ -176,6 +182,8 @@ def load(model: nn.Module, directory: str | Path, name: str | None = None, *,
     :class:`FingerprintMismatchError` unless ``ignore_fingerprint=True``. ``verify="sampled"``
     (default) compares a hash of a fixed sample of each weight; ``verify="full"`` hashes every value.
     ``fuse=True`` folds the adapter into the base weights right away (replacing whatever is fused).
+    ``packed=True`` holds a low-bit adapter packed for inference (:func:`adapterkit.pack`), read
+    straight from the file's codes; full-precision adapters load as usual.
     Every bad file raises an :class:`AdapterError` and leaves the model as it was.
     """
     if verify not in VERIFY_MODES:
@@ -185,7 +193,8 @@ def load(model: nn.Module, directory: str | Path, name: str | None = None, *,
     if Path(directory, COMPOSITION_FILE).is_file():  # written by save(model, directory, Stack/Add/Split(...))
         if name is not None:
             raise ConfigError(f"{directory} holds a composition of adapters under their own names; load it without a name")
-        return _load_stack(model, Path(directory), ignore_fingerprint=ignore_fingerprint, verify=verify, fuse=fuse)
+        return _load_stack(model, Path(directory), ignore_fingerprint=ignore_fingerprint, verify=verify, fuse=fuse,
+                           packed=packed)
     # full=True: hash every value; False: the fixed sample; None: no hash check (shapes still checked)
     full = None if ignore_fingerprint or verify == "none" else verify == "full"
     directory = Path(directory)
@@ -193,9 +202,9 @@ def load(model: nn.Module, directory: str | Path, name: str | None = None, *,
         raise MissingFileError(f"adapter directory not found: {directory}")
     data = read_json(directory / CONFIG_FILE)
     if "peft_type" in data:
-        prepared = _read_peft(model, directory, data, name or "default", full)
+        prepared = _read_peft(model, directory, data, name or "default", full, packed)
     elif data.get("format") == FORMAT:
-        prepared = _read_native(model, directory, data, name, full)
+        prepared = _read_native(model, directory, data, name, full, packed)
     else:
         raise CorruptFileError(f"{directory / CONFIG_FILE}: neither an adapterkit nor a PEFT adapter config")
     if fuse and not prepared.record.fusable:
@@ -261,11 +270,14 @@ def _build(model: nn.Module, config: Any, name: str, targets: list[str], copies:
         return _config_from(where, prepare, model, config, name, targets, copies)
 
 
-def _fill(prepared: PreparedAdapter, by_module: Mapping[str, Mapping[str, Tensor]], where: Path) -> None:
+def _fill(prepared: PreparedAdapter, by_module: Mapping[str, Mapping[str, Tensor]], where: Path, packed: bool) -> None:
     extra = sorted(set(by_module) - set(prepared.layers))
     if extra:
         raise CorruptFileError(f"{where}: tensors for modules the adapter does not have: {extra[:5]}")
     for path, layer in prepared.layers.items():
+        if packed and layer.quantizers:
+            layer.load_packed(by_module.get(path, {}), f"{where} [{path}]")
+            continue
         shapes = {k: layer.stored_shape(k, by_module.get(path, {})) for k in layer.quantizers}
         tensors, codes = quantization.decode(by_module.get(path, {}), layer.quantizers, shapes, f"{where} [{path}]")
         layer.load_tensors(tensors, f"{where} [{path}]")
@@ -304,7 +316,8 @@ def _check_base(model: nn.Module, recorded: Mapping[str, Any], where: Path, full
         )
 
 
-def _read_native(model: nn.Module, directory: Path, data: dict[str, Any], name: str | None, full: bool | None) -> PreparedAdapter:
+def _read_native(model: nn.Module, directory: Path, data: dict[str, Any], name: str | None, full: bool | None,
+                 packed: bool) -> PreparedAdapter:
     where = directory / CONFIG_FILE
     if not isinstance(data.get("format_version"), int) or data["format_version"] > FORMAT_VERSION:
         raise CorruptFileError(f"{where}: format_version {data.get('format_version')!r} is not supported by adapterkit {__version__}")
@@ -328,11 +341,12 @@ def _read_native(model: nn.Module, directory: Path, data: dict[str, Any], name: 
     unexpected = sorted(set(tensors) - used)
     if unexpected:
         raise CorruptFileError(f"{weights}: unexpected tensors {unexpected[:5]}")
-    _fill(prepared, by_module, weights)
+    _fill(prepared, by_module, weights, packed)
     return prepared
 
 
-def _read_peft(model: nn.Module, directory: Path, data: dict[str, Any], name: str, full: bool | None) -> PreparedAdapter:
+def _read_peft(model: nn.Module, directory: Path, data: dict[str, Any], name: str, full: bool | None,
+               packed: bool) -> PreparedAdapter:
     where = directory / CONFIG_FILE
     peft_type = data.get("peft_type")
     codec = next((m.peft for m in registered_methods() if m.peft is not None and m.peft.peft_type == peft_type), None)
@@ -350,5 +364,5 @@ def _read_peft(model: nn.Module, directory: Path, data: dict[str, Any], name: st
     recorded = metadata.get("adapterkit_fingerprint")
     if recorded:
         _check_base(model, _fingerprint(parse_json(recorded, f"{weights} (header)"), weights), where, full)
-    _fill(prepared, {**groups.targets, **groups.copies}, weights)
+    _fill(prepared, {**groups.targets, **groups.copies}, weights, packed)
     return prepared

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..core.outputs import loss_of, logits_of
+from ..core.packing import refuse_training
 from ..core.snapshot import ModelSnapshot
 from ..core.registry import AdapterMethod
 from ..core.state import active_records
@@ -171,6 +172,7 @@ def train(
     _check_options(epochs, lr, weight_decay, warmup, max_grad_norm)
     _check_iterable(batches)
     params = [p for p in model.parameters() if p.requires_grad]
+    refuse_training(model)  # packed adapters are inference-only
     if not params:
         raise ConfigError("the model has no trainable parameters; attach an adapter first")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)

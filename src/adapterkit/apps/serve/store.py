@@ -2,7 +2,8 @@
 
 Adapters load only from directories under one root (symlinks resolved first, every file of the
 directory too, so a link cannot smuggle in a file from elsewhere). :func:`adapterkit.load` validates
-everything before it attaches, so a refused directory leaves the model bit-identical.
+everything before it attaches, so a refused directory leaves the model bit-identical. Low-bit
+adapters load packed (:func:`adapterkit.pack`): the process holds their bit-packed codes, not fp32 latents.
 
 The store is not a lock: the engine's worker thread is the only one that calls :meth:`load` and
 :meth:`unload`; the read-only views (:meth:`names`, :meth:`loaded`) may be called from any thread.
@@ -20,6 +21,7 @@ from torch import nn
 from ...core.api import activate, active_adapters, detach
 from ...core.build import check_adapter_name
 from ...core.composition import COMPOSITION_FILE
+from ...core import packed
 from ...core.layers import AdapterLayer, ModelLayer
 from ...core.state import get_state
 from ...errors import (AdapterNotFoundError, ConfigError, CorruptFileError, DuplicateAdapterError, MissingFileError,
@@ -38,9 +40,10 @@ class AdapterMemory:
     """Bytes one loaded adapter holds in this process, and its files on disk.
 
     Attributes:
-        parameters: its parameters (for a low-bit adapter: the fp32 latent weights, which the process keeps).
-        buffers: its buffers (e.g. SHiRA's int64 indices).
-        codes: low-bit adapters: the dequantisation codes the quantizers keep (one int64 per weight, plus μ, σ).
+        parameters: its parameters (for an unpacked low-bit adapter: the fp32 latent weights).
+        buffers: its buffers (e.g. SHiRA's int64 indices; a packed low-bit adapter's codes, ``8/bits`` a
+            byte, and μ, σ per tensor).
+        codes: unpacked low-bit adapters: the codes the quantizers keep (one int64 per weight, plus μ, σ).
         file: the adapter's weights file (safetensors; for a low-bit adapter: the bit-packed codes, μ and σ).
     """
 
@@ -95,8 +98,11 @@ def adapter_memory(model: nn.Module, name: str, directory: Path | None = None) -
             if not isinstance(sub, AdapterLayer):
                 continue
             for key, quantizer in sub.quantizers.items():
+                latent = packed.held(sub, key)
+                if isinstance(latent, packed.PackedTensor):
+                    continue  # its codes are buffers, counted above
                 # the codes the forward uses: cached at load (or computed now, as the first forward would)
-                q = quantizer.quantize(sub.get_parameter(key))
+                q = quantizer.quantize(latent)
                 codes += _tensor_bytes((q.codes, q.mu, q.sigma), seen)
     file = sum(p.stat().st_size for p in directory.glob("*.safetensors") if p.is_file()) if directory is not None else 0
     return AdapterMemory(parameters, buffers, codes, file)
@@ -170,7 +176,7 @@ class AdapterStore:
         """Attach the adapter in ``path`` (under the root) as ``name`` (default: its saved name).
 
         Every check runs before the model changes; the adapters active before stay active (a
-        server keeps none active: each request names its own)."""
+        server keeps none active: each request names its own). Low-bit adapters are held packed."""
         directory = self.resolve(path)
         if name is not None:
             check_adapter_name(name)
@@ -182,7 +188,7 @@ class AdapterStore:
             raise UnsupportedError(f"{path} holds a composition of adapters; load its members one by one")
         labels = _label_names(directory)
         previous = active_adapters(self.model)
-        loaded = artefact.load(self.model, directory, name)
+        loaded = artefact.load(self.model, directory, name, packed=True)
         activate(self.model, [n for n, _ in previous], [w for _, w in previous])
         record = get_state(self.model).record(loaded)
         if any(isinstance(layer, ModelLayer) for _, layer in get_state(self.model).layers(loaded)):

@@ -8,6 +8,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ...core import packed
 from ...core.layers import DeltaLayer
 from ...core.quantization import Quantizer
 from ...core.sparse import SparseTensorDelta
@@ -50,7 +51,7 @@ class SFTPart(SparseTensorDelta):
 
     def effective_values(self) -> Tensor:
         """The values the diff adds (fake-quantised when low-bit; gradient to the latent values)."""
-        return self.values if self.quantizer is None else self.quantizer(self.values)
+        return self.values if self.quantizer is None else packed.low_bit(self, "values", self.quantizer)
 
     def sparse_delta(self, scale: float) -> Tensor:
         return self.effective_values().detach() * scale
@@ -170,7 +171,7 @@ class SFTLayer(DeltaLayer):
         out = {}
         for key, part in self.parts.items():
             if part.nnz:
-                out[f"parts.{key}.values"] = part.values.detach()
+                out.update(packed.saved(self, f"parts.{key}.values"))  # low-bit and packed: codes and μ, σ
                 out.update({f"parts.{key}.{k}": v for k, v in storage.pack(part.indices).items()})
         return out
 

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import BaseModelMismatchError, CorruptFileError
+from ...core import packed
 from ...core.layers import DeltaLayer
 from ...core.stamp import TensorStamp, stamp_matches
 from . import masks
@@ -90,7 +91,7 @@ class ShiraLayer(DeltaLayer):
 
     # -- files -------------------------------------------------------------------------------
     def tensors(self) -> dict[str, Tensor]:
-        out = {"values": self.values.detach()}
+        out = packed.saved(self, "values")  # low-bit and packed: the codes and μ, σ
         if self.regenerable:
             out[storage.SEED] = torch.tensor([self.mask_seed], dtype=torch.int64)
             out[storage.DIGEST] = storage.index_digest(self.indices)
@@ -104,7 +105,7 @@ class ShiraLayer(DeltaLayer):
     def plain_tensors(self) -> dict[str, Tensor]:
         """Values and (2, nnz) int32 rows/cols, the layout PEFT uses."""
         rows, cols = self.indices // self.shape[1], self.indices % self.shape[1]
-        return {"values": self.values.detach(), ROWCOL: torch.stack([rows, cols]).to(torch.int32)}
+        return {"values": self.weight_of("values").detach(), ROWCOL: torch.stack([rows, cols]).to(torch.int32)}
 
     def load_tensors(self, tensors: Mapping[str, Tensor], where: str) -> None:
         values = tensors.get("values")
