@@ -3,6 +3,10 @@ and a gate that holds the engine's worker inside a forward (to fill its queue de
 
 from __future__ import annotations
 
+import contextlib
+import json
+import shutil
+import socket
 import threading
 from pathlib import Path
 
@@ -53,6 +57,28 @@ def save_adapters(model, configs, root: Path, scale: float = 0.3) -> None:
         else:
             ak.save(model, root / name, name)
     ak.activate(model, None)
+
+
+def saved_classifiers(tmp_path_factory, name: str = "serve"):
+    """``(root, reference)``: the classifier adapters saved under a fresh ``root/``, and
+    single-request references on the model that made them."""
+    root = tmp_path_factory.mktemp(name) / "root"
+    root.mkdir()
+    source = tiny_classifier()
+    save_adapters(source, CLASSIFIER_ADAPTERS, root)
+    return root, ClassifierReference(source, classifier_tokenizer())
+
+
+def edited_copy(root: Path, source: str, target: str, edit) -> Path:
+    """A copy of adapter directory ``root/source`` at ``root/target`` whose adapter_config.json
+    went through ``edit(config_dict)`` (made once: a module-scoped root is shared)."""
+    directory = root / target
+    if not directory.exists():
+        shutil.copytree(root / source, directory)
+        config = json.loads((directory / "adapter_config.json").read_text())
+        edit(config)
+        (directory / "adapter_config.json").write_text(json.dumps(config))
+    return directory
 
 
 class ClassifierReference:
@@ -107,6 +133,26 @@ def wait_for(condition, seconds: float = 20.0) -> None:
             return
         done.wait(0.005)
     raise AssertionError("condition not reached")
+
+
+@contextlib.contextmanager
+def uvicorn_server(app, **options):
+    """``(server, sock)``: uvicorn serving ``app`` on a free loopback socket in a thread, until the block ends."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", **options))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started)
+        yield server, sock
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+    assert not thread.is_alive(), "uvicorn did not stop"
 
 
 def classifier_engine(root: Path, settings: EngineSettings | None = None, preload=()) -> Engine:

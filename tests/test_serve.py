@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import threading
 import urllib.request
 
@@ -20,8 +19,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 import adapterkit as ak  # noqa: E402
 from adapterkit.apps.serve import EngineSettings, create_app  # noqa: E402
 from conftest import assert_unchanged, snapshot, tiny_bert_config  # noqa: E402
-from serve_support import (CLASSIFIER_ADAPTERS, TEXTS, ClassifierReference, Gate, classifier_engine,  # noqa: E402
-                           classifier_tokenizer, save_adapters, tiny_classifier, wait_for)
+from serve_support import (TEXTS, Gate, classifier_engine, saved_classifiers, uvicorn_server,  # noqa: E402
+                           wait_for)
 
 ATOL = 1e-5
 
@@ -29,11 +28,7 @@ ATOL = 1e-5
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """``(root, reference)``: the classifier adapters saved under ``root/``, and single-request references."""
-    root = tmp_path_factory.mktemp("serve") / "root"
-    root.mkdir()
-    source = tiny_classifier()
-    save_adapters(source, CLASSIFIER_ADAPTERS, root)
-    return root, ClassifierReference(source, classifier_tokenizer())
+    return saved_classifiers(tmp_path_factory)
 
 
 @pytest.fixture
@@ -46,8 +41,11 @@ def served(saved, one_thread):
     engine.close()
 
 
-def check_logits(reference, adapter, texts, body) -> None:
-    assert body["adapter"] == adapter
+def check_logits(reference, adapter, texts, body, served: str | None = "same") -> None:
+    """``body`` answers ``texts`` exactly as ``adapter`` does alone (served under the name ``served``,
+    by default ``adapter``'s own); a missing or extra row fails."""
+    assert body["adapter"] == (adapter if served == "same" else served)
+    assert len(body["logits"]) == len(body["labels"]) == len(texts), body
     for text, logits, label in zip(texts, body["logits"], body["labels"]):
         expected = reference(adapter, text)
         assert torch.allclose(torch.tensor(logits), expected, atol=ATOL), (adapter, text)
@@ -58,7 +56,7 @@ def test_endpoints_list_load_predict_unload_and_report(served, saved):
     engine, client, reference = served
     assert client.get("/health").json()["status"] == "ok"
     listed = client.get("/adapters").json()
-    assert [a["name"] for a in listed["adapters"]] == ["lora", "shira"]
+    assert [(a["name"], a["path"], a["version"]) for a in listed["adapters"]] == [("lora", "lora", 1), ("shira", "shira", 2)]
     shira = listed["adapters"][1]["memory"]
     assert shira["buffers"] > 0 and shira["held"] == shira["parameters"] + shira["buffers"]  # the int64 indices
     assert listed["fits_in_1gib"]["lora"] == 2**30 // listed["adapters"][0]["memory"]["held"]
@@ -218,17 +216,24 @@ def test_concurrent_mixed_adapter_requests_share_batches_and_equal_references(sa
 
 
 def test_no_torn_weights_while_another_thread_loads_and_unloads(saved, one_thread):
+    """Every answer for "x" equals exactly the adapter loaded as "x" in the load (version) that answered."""
     root, reference = saved
     engine = classifier_engine(root, EngineSettings(max_batch=8, max_length=64, max_wait_ms=1), ("lora",))
+    for text in TEXTS:  # the two adapters loaded as "x" answer differently: a swap would show
+        assert not torch.allclose(reference("onebit", text), reference("shira", text), atol=ATOL)
     stop = threading.Event()
     outcomes: list[tuple[str | None, str, int, dict]] = []
-    cycles = []
+    loaded_as: dict[int, str] = {}  # version of "x" -> the directory loaded under that version
     with TestClient(create_app(engine)) as client:
-        def churn() -> None:  # load "x" (onebit's files, then shira's under the same name), unload, repeat
+        def churn() -> None:  # load "x" (onebit's files, then shira's under the same name), ask it, unload, repeat
             for i in range(12):
-                path = "onebit" if i % 2 == 0 else "shira"
-                assert client.post("/adapters", json={"path": path, "name": "x"}).status_code == 201
-                cycles.append(path)
+                path, text = ("onebit", "shira")[i % 2], TEXTS[i % len(TEXTS)]
+                loaded = client.post("/adapters", json={"path": path, "name": "x"})
+                assert loaded.status_code == 201
+                loaded_as[loaded.json()["version"]] = path
+                own = client.post("/predict", json={"adapter": "x", "texts": [text]})  # one answer per version at least
+                assert own.status_code == 200
+                outcomes.append(("x", text, 200, own.json()))
                 assert client.delete("/adapters/x").status_code == 200
             stop.set()
 
@@ -246,14 +251,19 @@ def test_no_torn_weights_while_another_thread_loads_and_unloads(saved, one_threa
             thread.start()
         for thread in threads:
             thread.join(60)
-    assert len(cycles) == 12 and outcomes
+    assert len(loaded_as) == 12
+    answered = set()
     for adapter, text, status, body in outcomes:
-        if adapter == "x":  # not loaded at that moment, or exactly one of the two adapters ever loaded as "x"
-            assert status == 404 or any(torch.allclose(torch.tensor(body["logits"][0]), reference(a, text), atol=ATOL)
-                                        for a in ("onebit", "shira")), body
+        if adapter == "x" and status == 404:  # asked while "x" was not loaded
+            continue
+        assert status == 200, body
+        if adapter == "x":
+            check_logits(reference, loaded_as[body["version"]], [text], body, served="x")
+            answered.add(body["version"])
         else:
-            assert status == 200
             check_logits(reference, adapter, [text], body)
+            assert body["version"] == (None if adapter is None else 1)
+    assert answered == set(loaded_as)
 
 
 def test_graceful_shutdown_finishes_in_flight_and_queued_requests(saved, one_thread):
@@ -285,29 +295,16 @@ def test_a_failing_forward_is_500_and_the_worker_survives(served):
 
 
 def test_uvicorn_serves_one_real_request_on_the_loopback(saved, one_thread):
-    import uvicorn
-
     root, reference = saved
     engine = classifier_engine(root, preload=("lora",))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: server.started)
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/predict", method="POST",
+    with uvicorn_server(create_app(engine)) as (server, sock):
+        request = urllib.request.Request(f"http://127.0.0.1:{sock.getsockname()[1]}/predict", method="POST",
                                          data=json.dumps({"adapter": "lora", "texts": [TEXTS[1]]}).encode(),
                                          headers={"content-type": "application/json"})
         with urllib.request.urlopen(request, timeout=20) as response:
             body = json.loads(response.read())
         check_logits(reference, "lora", [TEXTS[1]], body)
-    finally:
-        server.should_exit = True
-        thread.join(20)
-        sock.close()
-    assert not thread.is_alive() and not engine.accepting  # the lifespan closed the engine
+    assert not engine.accepting  # the lifespan closed the engine
 
 
 @pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symlinks")
@@ -323,7 +320,7 @@ def test_symlinks_inside_the_root_are_fine(served, saved):
 
 def test_generate_endpoint_on_a_causal_lm(tmp_path, one_thread):
     from adapterkit.apps.serve import AdapterStore, Engine
-    from serve_support import LM_ADAPTERS, PROMPTS, chat_lm, lm_reference
+    from serve_support import LM_ADAPTERS, PROMPTS, chat_lm, lm_reference, save_adapters
 
     source, tokenizer = chat_lm()
     save_adapters(source, {"lm_lora": LM_ADAPTERS["lm_lora"]}, tmp_path, scale=0.5)
@@ -336,6 +333,7 @@ def test_generate_endpoint_on_a_causal_lm(tmp_path, one_thread):
             response = client.post("/generate", json={"adapter": adapter, "prompt": PROMPTS[1], "max_new_tokens": 6})
             assert response.status_code == 200, response.text
             assert response.json()["text"] == lm_reference(source, tokenizer, adapter, PROMPTS[1], 6)
+            assert response.json()["version"] == (None if adapter is None else 1)
         assert client.post("/generate", json={"prompt": "x", "max_new_tokens": 9}).status_code == 422  # over the limit
         too_long = client.post("/generate", json={"prompt": "x" * 60})  # more prompt tokens than the server takes
         assert too_long.status_code == 422 and "tokens" in too_long.json()["detail"]

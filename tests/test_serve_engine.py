@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,19 +14,15 @@ import adapterkit as ak
 from adapterkit.apps.serve import (AdapterStore, Engine, EngineSettings, ShuttingDownError, adapter_memory, status_of)
 from adapterkit.errors import AdapterNotFoundError, ConfigError, UnsupportedError
 from conftest import assert_unchanged, snapshot, tiny_bert_config
-from serve_support import (CLASSIFIER_ADAPTERS, LM_ADAPTERS, PROMPTS, TEXTS, ClassifierReference, Gate, chat_lm,
-                           classifier_engine, classifier_tokenizer, lm_reference, save_adapters, tiny_classifier)
+from serve_support import (LM_ADAPTERS, PROMPTS, TEXTS, Gate, chat_lm, classifier_engine, classifier_tokenizer,
+                           lm_reference, save_adapters, saved_classifiers, tiny_classifier)
 
 ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    root = tmp_path_factory.mktemp("engine") / "root"
-    root.mkdir()
-    source = tiny_classifier()
-    save_adapters(source, CLASSIFIER_ADAPTERS, root)
-    return root, ClassifierReference(source, classifier_tokenizer())
+    return saved_classifiers(tmp_path_factory, "engine")
 
 
 @pytest.mark.parametrize("field,value", [("max_batch", 0), ("max_queue", -1), ("max_wait_ms", -1.0),
@@ -113,7 +110,7 @@ def test_generate_batches_mixed_adapters_with_left_padding(tmp_path, one_thread)
     for name in LM_ADAPTERS:
         store.load(name)
     jobs = [(None, PROMPTS[0], 6), ("lm_lora", PROMPTS[1], 4), ("lm_shira", PROMPTS[2], 8), ("lm_lora", PROMPTS[3], 8)]
-    with Engine(model, tokenizer, store, EngineSettings(max_wait_ms=0, max_new_tokens=8)) as engine:
+    with Engine(model, tokenizer, store, EngineSettings(max_wait_ms=0, max_new_tokens=8, max_prompt_tokens=64)) as engine:
         with pytest.raises(UnsupportedError):
             engine.submit_predict(None, ["x"])
         with pytest.raises(ConfigError):
@@ -135,7 +132,8 @@ def test_generate_batches_mixed_adapters_with_left_padding(tmp_path, one_thread)
 
 def _args(**overrides) -> argparse.Namespace:
     values = dict(model="minilm", adapters=[], root=None, host="127.0.0.1", port=0, max_batch=8, max_queue=4,
-                  max_wait_ms=1.0, max_length=64, max_new_tokens=8, num_labels=None, threads=None)
+                  max_wait_ms=1.0, max_length=64, max_prompt_tokens=32, max_new_tokens=8, max_adapters=8,
+                  max_adapter_bytes=2**30, max_body_bytes=2**20, graceful_timeout=5.0, num_labels=None, threads=None)
     return argparse.Namespace(**{**values, **overrides})
 
 
@@ -156,10 +154,11 @@ def test_cli_builds_an_engine_from_a_model_directory_and_confines_startup_adapte
     (root / "sst" / "labels.json").write_text(json.dumps({"label_names": ["neg", "neu", "pos"]}))
 
     args = build_parser().parse_args(["serve", "--model", str(model_dir), "--adapters", str(root / "sst"),
-                                      "--root", str(root), "--max-batch", "4", "--port", "0"])
-    assert (args.run, args.max_batch, args.port) == (serve_cli.serve, 4, 0)
-    with serve_cli.build_engine(args) as engine:
+                                      "--max-batch", "4", "--max-length", "64", "--port", "0"])
+    assert (args.run, args.max_batch, args.port, args.root) == (serve_cli.serve, 4, 0, None)
+    with serve_cli.build_engine(args) as engine:  # no --root: the directory holding the --adapters
         assert engine.task == "classification" and engine.store.names() == ["sst"]
+        assert engine.store.root == root.resolve() and engine.store.loaded()[0].path == Path("sst")
         result = engine.predict("sst", [TEXTS[0]], timeout=20)
     encoded = tokenizer([TEXTS[0]], return_tensors="pt")
     with torch.no_grad():
@@ -169,6 +168,11 @@ def test_cli_builds_an_engine_from_a_model_directory_and_confines_startup_adapte
 
     assert main(["serve", "--model", str(model_dir), "--adapters", str(root / "sst"), "--root", str(model_dir)]) == 2
     assert "under the server's root" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="--root"):
+        serve_cli.adapter_root(_args())  # neither --root nor --adapters: never the current directory
+    assert serve_cli.adapter_root(_args(adapters=[str(root / "a" / "x"), str(root / "b")])) == root.resolve()
+    assert main(["serve", "--model", str(model_dir), "--adapters", str(root / "sst"), "--max-length", "65"]) == 2
+    assert "65 tokens, the model has 64 positions" in capsys.readouterr().err
 
 
 @pytest.mark.cuda

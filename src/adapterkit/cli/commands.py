@@ -14,11 +14,11 @@ from ..zoo import data
 from ..errors import ConfigError, DataNotFoundError, MissingFileError
 from ..methods.dylora import rank_sweep as sweep_ranks
 from ..zoo.models import SentenceClassifier, load_sentence_classifier
-from ..io.safefiles import read_json, read_tensors, write_tensors
+from ..io.layout import LABELS_FILE as LABELS_FILE, read_label_names  # LABELS_FILE: re-exported for cli.train
+from ..io.safefiles import read_tensors, write_tensors
 from ..train.loop import TextBatches, accuracy
 
 HEAD_FILE = "classifier.safetensors"
-LABELS_FILE = "labels.json"  # class names of a head trained on a user file, by class id
 
 
 def dataset(spec: str, split: str, test_size: int | None, text_column: str = "text", label_column: str = "label",
@@ -51,8 +51,8 @@ def load_model(path: str | None, num_labels: int = 2) -> tuple[SentenceClassifie
 
 def adapter_classes(directory: str | Path) -> int:
     """Classes of the head an adapter was trained with (``labels.json`` written by ``train`` on a user file)."""
-    path = Path(directory, LABELS_FILE)
-    return len(read_json(path)["label_names"]) if path.is_file() else 2
+    names = read_label_names(Path(directory))
+    return 2 if names is None else len(names)
 
 
 def _data(args: argparse.Namespace) -> data.LabelledTexts:

@@ -13,12 +13,14 @@ from pathlib import Path
 
 from ..core.build import check_adapter_name
 from ..core.composition import COMPOSITION_FILE, block_from_dict
-from ..errors import AdapterError
+from ..errors import AdapterError, CorruptFileError
 from .peft_format import CONFIG_FILE, WEIGHTS_FILE as PEFT_WEIGHTS_FILE
 from .safefiles import read_json
 
 WEIGHTS_FILE = "adapter.safetensors"
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE, PEFT_WEIGHTS_FILE)
+#: class names of a head trained on a user file, by class id (``{"label_names": [...]}``, written by ``adapterkit train``)
+LABELS_FILE = "labels.json"
 
 
 def stack_members(directory: Path) -> list[str]:
@@ -67,3 +69,15 @@ def remove_stack(directory: Path) -> None:
     """Delete a Stack saved in ``directory``: its members' files and ``composition.json``."""
     remove_members(directory, stack_members(directory))
     _unlink(directory / COMPOSITION_FILE)
+
+
+def read_label_names(directory: Path) -> tuple[str, ...] | None:
+    """The class names in ``directory``'s :data:`LABELS_FILE` (None without one); a file that is
+    not ``{"label_names": [non-empty list of strings]}`` is a :class:`CorruptFileError`."""
+    path = Path(directory) / LABELS_FILE
+    if not path.is_file():
+        return None
+    names = read_json(path).get("label_names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise CorruptFileError(f"{path}: label_names must be a non-empty list of strings")
+    return tuple(names)

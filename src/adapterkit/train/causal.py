@@ -272,6 +272,33 @@ class Sampling:
 
 
 @torch.no_grad()
+def generate_tokens(model: nn.Module, fmt: PromptFormat, prompts: Sequence[Sequence[int]], sampling: Sampling,
+                    **options: Any) -> Tensor:
+    """The new tokens ``[rows, <= sampling.max_new_tokens]`` (on the CPU) for prompts given as token
+    ids, decoded as one batch: prompts padded on the left, inputs on the model's device, decoding
+    stopped at ``fmt``'s stop ids (a row that stops early continues with padding). ``options`` go
+    to ``model.generate`` (e.g. the tokenizer, for stop strings). Shared by :func:`generate` and the
+    server's mixed-adapter batches."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample,
+                              temperature=sampling.temperature if sampling.do_sample else None,
+                              top_k=sampling.top_k if sampling.do_sample else None,
+                              top_p=sampling.top_p if sampling.do_sample else None,
+                              eos_token_id=list(fmt.stop_ids), pad_token_id=fmt.pad_id,
+                              stop_strings=list(sampling.stop) or None)
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), fmt.pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
+        mask[row, width - len(prompt):] = 1
+    device = next(model.parameters()).device
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config, **options)
+    return out[:, width:].cpu()
+
+
+@torch.no_grad()
 def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], sampling: Sampling = Sampling(), *,
              batch_size: int = 32, template: bool = True, seed: int | None = None, progress: bool = True,
              desc: str = "generate") -> list[str]:
@@ -282,17 +309,9 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], sampling:
     """
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
         raise ConfigError("prompts must be a sequence of strings")
-    from transformers import GenerationConfig
-
     fmt = PromptFormat(tokenizer, template)
     encoded = [fmt.prompt_ids(p) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda j: len(encoded[j]))
-    config = GenerationConfig(max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample,
-                              temperature=sampling.temperature if sampling.do_sample else None,
-                              top_k=sampling.top_k if sampling.do_sample else None,
-                              top_p=sampling.top_p if sampling.do_sample else None,
-                              eos_token_id=list(fmt.stop_ids), pad_token_id=fmt.pad_id,
-                              stop_strings=list(sampling.stop) or None)
     answers: list[str] = [""] * len(encoded)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -303,16 +322,10 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], sampling:
                 torch.manual_seed(seed)
             for start in range(0, len(order), batch_size):
                 rows = order[start:start + batch_size]
-                width = max(len(encoded[j]) for j in rows)
-                ids = torch.full((len(rows), width), fmt.pad_id, dtype=torch.long)
-                mask = torch.zeros_like(ids)
+                new = generate_tokens(model, fmt, [encoded[j] for j in rows], sampling,
+                                      **({"tokenizer": tokenizer} if sampling.stop else {}))
                 for r, j in enumerate(rows):
-                    ids[r, width - len(encoded[j]):] = torch.tensor(encoded[j])
-                    mask[r, width - len(encoded[j]):] = 1
-                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                                     **({"tokenizer": tokenizer} if sampling.stop else {}))
-                for r, j in enumerate(rows):
-                    answers[j] = tokenizer.decode(out[r, width:], skip_special_tokens=True)
+                    answers[j] = tokenizer.decode(new[r], skip_special_tokens=True)
                 bar.update(len(rows))
     finally:
         bar.close()

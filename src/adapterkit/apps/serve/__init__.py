@@ -1,6 +1,7 @@
 """``adapterkit serve``: one base model, many adapters, mixed-adapter batches, hot load/unload.
 
-* :class:`AdapterStore` — loads adapters from directories under one root, reports their bytes.
+* :class:`AdapterStore` — loads adapters from directories under one root (:mod:`.paths`), reports
+  their bytes.
 * :class:`Engine` — one worker thread owns the model; bounded queue, dynamic batching through
   :func:`adapterkit.per_row`, loads/unloads between batches, graceful shutdown.
 * :func:`create_app` — the FastAPI application (imported on first use: FastAPI is the ``serve`` extra).
@@ -8,8 +9,10 @@
 
 from typing import Any
 
-from .engine import CAUSAL_LM, CLASSIFICATION, Engine, EngineSettings, Generation, Prediction, task_of
-from .errors import STATUS, InferenceError, OverloadedError, PathOutsideRootError, ServeError, ShuttingDownError, status_of
+from .engine import Engine
+from .errors import (STATUS, CapacityError, InferenceError, OverloadedError, PathOutsideRootError, ServeError,
+                     ShuttingDownError, UnreadablePathError, status_of)
+from .settings import CAUSAL_LM, CLASSIFICATION, EngineSettings, Generation, Prediction, task_of
 from .metrics import Metrics
 from .store import AdapterMemory, AdapterStore, LoadedAdapter, adapter_memory
 
@@ -23,7 +26,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "AdapterMemory", "AdapterStore", "CAUSAL_LM", "CLASSIFICATION", "Engine", "EngineSettings", "Generation",
-    "InferenceError", "LoadedAdapter", "Metrics", "OverloadedError", "PathOutsideRootError", "Prediction", "STATUS",
-    "ServeError", "ShuttingDownError", "adapter_memory", "create_app", "status_of", "task_of",
+    "AdapterMemory", "AdapterStore", "CAUSAL_LM", "CLASSIFICATION", "CapacityError", "Engine", "EngineSettings",
+    "Generation", "InferenceError", "LoadedAdapter", "Metrics", "OverloadedError", "PathOutsideRootError", "Prediction",
+    "STATUS", "ServeError", "ShuttingDownError", "UnreadablePathError", "adapter_memory", "create_app", "status_of",
+    "task_of",
 ]

@@ -10,16 +10,26 @@
 ``POST /generate``         ``{"adapter": NAME|null, "prompt", "max_new_tokens"}`` → greedy text (causal LMs)
 =========================  ==========================================================================
 
+Answers name the adapter's ``version``: which load of it produced them (1, 2, ... over the server's
+life; ``GET /adapters`` shows each adapter's version and its path relative to the root).
+
 Errors are JSON ``{"error": class name, "detail": message}`` with the status of
 :data:`~.errors.STATUS` (422 bad input, 404 unknown adapter, 400 unusable adapter directory, 403 path
-outside the root, 409 duplicate name, 429 queue full, 503 shutting down). Handlers never block the
-event loop: they await the engine's futures.
+outside the root or unreadable, 409 duplicate name, 413 body over ``max_body_bytes`` (refused before
+it is parsed), 429 queue full, 500 a failure of the server's, 503 shutting down, 507 no room for one
+more adapter); no error is plain text. Handlers never block the event loop: they await the
+engine's futures.
+
+The admin endpoints (load, unload) have no authentication: anyone who can reach the server can
+load any adapter under the root or unload one. ``adapterkit serve`` listens on 127.0.0.1 unless
+told otherwise; put it behind an authenticating proxy before exposing it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from typing import Annotated, Any, AsyncIterator
 
@@ -28,11 +38,14 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..._version import __version__
-from ...errors import AdapterError
+from ...errors import AdapterError, ConfigError
 from .engine import Engine
 from .errors import status_of
+from .settings import DEFAULT_MAX_BODY_BYTES
 from .store import GIB
 
 # schema bounds: the widest any server accepts; each engine's EngineSettings may set tighter ones (422 too)
@@ -70,12 +83,52 @@ class LoadRequest(_Body):
 
 
 def error_body(error: BaseException) -> dict[str, str]:
+    """The JSON body of an error answer: the error's class name and its message."""
     return {"error": type(error).__name__, "detail": str(error)}
 
 
-def create_app(engine: Engine, *, close_engine: bool = True) -> FastAPI:
+class BodyTooLargeError(HTTPException):
+    """A request body over the server's ``max_body_bytes`` (HTTP 413), refused before it is parsed."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body is larger than this server takes ({limit:,} bytes)")
+
+
+class BodyLimit:
+    """ASGI middleware: a body over ``max_bytes`` is answered 413 before the application reads it
+    whole (a ``Content-Length`` over the limit at once; a chunked body as soon as it passes it)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            error = BodyTooLargeError(self.max_bytes)
+            await JSONResponse({"error": type(error).__name__, "detail": error.detail}, 413)(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise BodyTooLargeError(self.max_bytes)  # FastAPI lets HTTPExceptions through its body parsing
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def create_app(engine: Engine, *, close_engine: bool = True, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The application; its lifespan starts the engine and (``close_engine``) closes it gracefully
-    on shutdown, after the server has stopped taking connections."""
+    on shutdown, after the server has stopped taking connections. Bodies over ``max_body_bytes``
+    are refused with 413 before they are parsed."""
+    if not isinstance(max_body_bytes, int) or isinstance(max_body_bytes, bool) or max_body_bytes < 1:
+        raise ConfigError(f"max_body_bytes must be a positive integer, got {max_body_bytes!r}")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -91,10 +144,24 @@ def create_app(engine: Engine, *, close_engine: bool = True) -> FastAPI:
     async def adapter_error(request: Request, error: AdapterError) -> JSONResponse:
         return JSONResponse(error_body(error), status_code=status_of(error))
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        # Starlette's own errors (unknown route 404, wrong method 405, 413) in the same body shape
+        return JSONResponse({"error": type(error).__name__, "detail": error.detail}, status_code=error.status_code,
+                            headers=error.headers)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, error: Exception) -> JSONResponse:
+        # anything unforeseen is still a JSON answer (Starlette logs the traceback and re-raises to the server)
+        return JSONResponse({"error": "InternalServerError", "detail": f"{type(error).__name__}: {error}"},
+                            status_code=500)
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
         # the same body shape as every other error; "detail" keeps pydantic's list of what is wrong
         return JSONResponse({"error": "RequestValidationError", "detail": jsonable_encoder(error.errors())}, status_code=422)
+
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
     @app.middleware("http")
     async def count(request: Request, call_next: Any) -> Any:
@@ -135,13 +202,11 @@ def create_app(engine: Engine, *, close_engine: bool = True) -> FastAPI:
 
     @app.post("/predict")
     async def predict(body: PredictRequest) -> dict[str, Any]:
-        result = await asyncio.wrap_future(engine.submit_predict(body.adapter, body.texts))
-        return {"adapter": result.adapter, "labels": result.labels, "logits": result.logits,
-                "label_names": result.label_names}
+        return dataclasses.asdict(await asyncio.wrap_future(engine.submit_predict(body.adapter, body.texts)))
 
     @app.post("/generate")
     async def generate(body: GenerateRequest) -> dict[str, Any]:
-        result = await asyncio.wrap_future(engine.submit_generate(body.adapter, body.prompt, body.max_new_tokens))
-        return {"adapter": result.adapter, "text": result.text, "tokens": result.tokens}
+        return dataclasses.asdict(await asyncio.wrap_future(engine.submit_generate(body.adapter, body.prompt,
+                                                                                   body.max_new_tokens)))
 
     return app

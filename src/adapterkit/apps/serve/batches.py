@@ -20,7 +20,7 @@ from ...core.outputs import logits_of
 from ...core.per_row import per_row
 from ...core.state import adapted_states
 from ...errors import ConfigError
-from ...train.causal import PromptFormat
+from ...train.causal import PromptFormat, Sampling, generate_tokens
 
 Names = Sequence[str | None]
 
@@ -28,11 +28,6 @@ Names = Sequence[str | None]
 def rows(model: nn.Module, names: Names) -> ContextManager[Any]:
     """:func:`per_row` for ``names``; nothing for a model without adapters (every row is the base)."""
     return per_row(model, list(names)) if adapted_states(model) else contextlib.nullcontext()
-
-
-def _device(model: nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +43,7 @@ def classify(model: nn.Module, tokenizer: Any, names: Names, texts: Sequence[str
     if len(names) != len(texts):
         raise ConfigError(f"{len(names)} adapter names for {len(texts)} texts")
     encoded = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    device = _device(model)
+    device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     with torch.no_grad(), rows(model, names):
         logits = logits_of(model(**inputs))
@@ -74,26 +69,14 @@ class Generator:
         """Greedy answers, row ``i`` under adapter ``names[i]`` with its own ``max_new_tokens[i]``
         (the batch decodes to the largest; each row keeps its first tokens, which greedy decoding
         makes the same as a run of its own length)."""
-        from transformers import GenerationConfig
-
         if not (len(names) == len(prompts) == len(max_new_tokens)) or not prompts:
             raise ConfigError("need one adapter name, prompt and max_new_tokens per row")
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.format.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-            mask[row, width - len(prompt):] = 1
-        config = GenerationConfig(max_new_tokens=max(max_new_tokens), do_sample=False,
-                                  eos_token_id=list(self.format.stop_ids), pad_token_id=self.format.pad_id)
-        device = _device(self.model)
-        with torch.no_grad(), rows(self.model, names):
-            out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                      generation_config=config).cpu()
+        with rows(self.model, names):
+            out = generate_tokens(self.model, self.format, prompts, Sampling(max_new_tokens=max(max_new_tokens)))
         stops = set(self.format.stop_ids)
         answers = []
         for row, limit in enumerate(max_new_tokens):
-            new = out[row, width:width + limit].tolist()
+            new = out[row, :limit].tolist()
             end = next((i + 1 for i, token in enumerate(new) if token in stops), len(new))
             answers.append(Generated(self.tokenizer.decode(new[:end], skip_special_tokens=True), end))
         return answers

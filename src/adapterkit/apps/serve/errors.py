@@ -35,8 +35,19 @@ class PathOutsideRootError(ServeError, PermissionError):
     """An adapter directory lies outside the configured root, after resolving symlinks (HTTP 403)."""
 
 
+class UnreadablePathError(ServeError, PermissionError):
+    """The server may not read an adapter directory or one of its files (HTTP 403)."""
+
+
+class CapacityError(ServeError):
+    """Loading one more adapter would exceed the server's ``max_adapters`` or ``max_adapter_bytes``
+    (HTTP 507 Insufficient Storage: the request is valid, the server has no room for it; unload an
+    adapter first). Not 409, which this server keeps for conflicts with a named adapter's state."""
+
+
 class InferenceError(ServeError, RuntimeError):
-    """The model's forward failed on a batch for a reason that is not the request's (HTTP 500).
+    """The server failed while answering a request, for a reason that is not the request's
+    (HTTP 500): the model's forward raised (an AdapterError inside it too), or the worker did.
 
     The worker keeps running; the message names the original exception."""
 
@@ -46,6 +57,8 @@ STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (OverloadedError, 429),
     (ShuttingDownError, 503),
     (PathOutsideRootError, 403),
+    (UnreadablePathError, 403),
+    (CapacityError, 507),
     (InferenceError, 500),
     (AdapterNotFoundError, 404),  # an unknown adapter name (also a Block naming one)
     (DuplicateAdapterError, 409),
