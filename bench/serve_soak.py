@@ -5,26 +5,30 @@ adapters loaded and unloaded meanwhile, every answer checked against a single-re
     .venv/bin/python bench/serve_soak.py --quick    # smoke run: 300 requests, 9 adapters
     .venv/bin/python bench/serve_soak.py --http     # the same traffic over HTTP (uvicorn on 127.0.0.1)
 
-Set-up: LoRA (r=8), SHiRA (r=8) and 1-bit LoRA (r=8) adapters on MiniLM's query/value projections,
-seeded random values, saved to a temporary root. Two thirds stay loaded; the rest (half of them loaded
-at the start) are loaded and unloaded by an admin thread while ``--clients`` threads send requests
-(1-3 texts each, adapter drawn uniformly from all names and the base). A request for an adapter that is unloaded at that moment is
-answered "not found" and counted apart; any other failure counts as an error.
+Set-up: LoRA, SHiRA and 1-bit LoRA adapters (r=8) on MiniLM's query/value, seeded random values, in a
+temporary root. Two thirds stay loaded; the rest (half loaded at the start) are loaded and unloaded by
+an admin thread while ``--clients`` threads send requests (1-3 texts, adapter drawn uniformly from all
+names and the base). "Not found" for a churned adapter is counted apart; other failures are errors
+(the admin thread's too).
 
-Check: afterwards each answered text is compared with the logits of that text alone, with only its
-adapter active, on a second copy of the model that loaded the same files (computed offline, cached
-per adapter and text). Mismatch: a different arg-max or max |Δ logit| > 1e-4; the largest |Δ| seen is
-reported. Memory: RSS sampled every 2% of the requests after a warm-up (10% of them, at least 200 of
-400 or more; start, end, max, least-squares slope per 1,000 requests), and a table of the bytes each
-kind of adapter holds in the process and on disk, with how many fit in 1 GiB.
+Check: before the traffic, a second model that loads the same files computes the logits of every
+(adapter or base, text) pair, one text at a time (a fixed tensor). Each answer is compared as it
+arrives and only counters are kept, so the measured process grows nothing per request. Mismatch: a
+different arg-max, max |Δ logit| > 1e-4, or a row missing. Also reported: the smallest max |Δ logit|
+between two different adapters (or one and the base) on one text, which must exceed the tolerance
+for a swapped adapter to show. Latencies: a fixed log-spaced histogram. Memory: RSS sampled every 2%
+of the requests after a warm-up (at most 50 samples; start, end, max, slope per 1,000 requests), and
+the bytes each kind of adapter holds in the process and on disk, with how many fit in 1 GiB.
 
-Writes ``bench/results/serve_soak.{json,md}`` (``--quick``: ``bench/results/tmp/serve_soak.quick.*``).
+Exits 1 on any mismatch or error, or adapters too close to tell apart. Writes
+``bench/results/serve_soak.{json,md}`` (``--quick``: ``bench/results/tmp/serve_soak.quick.*``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -42,7 +46,7 @@ from _timing import hardware, now_iso  # noqa: E402
 
 import adapterkit as ak  # noqa: E402
 from adapterkit.apps.serve import AdapterStore, Engine, EngineSettings, OverloadedError  # noqa: E402
-from adapterkit.apps.serve.metrics import percentile, rss_bytes  # noqa: E402
+from adapterkit.apps.serve.metrics import rss_bytes  # noqa: E402
 from adapterkit.errors import AdapterNotFoundError  # noqa: E402
 from adapterkit.zoo.models import load_sentence_classifier  # noqa: E402
 
@@ -81,23 +85,55 @@ def make_adapters(root: Path, per_kind: int, seed: int) -> list[str]:
     return names
 
 
-class Reference:
-    """Single-text logits with one adapter active, on a second model that loads the same files."""
+@torch.no_grad()
+def references(root: Path, names: list[str], pool: list[str]) -> torch.Tensor:
+    """``[len(names) + 1, len(pool), classes]``: row ``a`` is adapter ``names[a]`` (the last row the base
+    model), each text alone, on a second model that loads the same files."""
+    model, tokenizer = load_sentence_classifier()
+    table = []
+    for adapter in [*names, None]:
+        if adapter is not None:
+            ak.load(model, root / adapter)
+        ak.activate(model, adapter)
+        rows = []
+        for text in pool:
+            encoded = tokenizer([text], return_tensors="pt", truncation=True, max_length=128)
+            rows.append(model(**encoded)["logits"][0].float())
+        table.append(torch.stack(rows))
+    return torch.stack(table)
 
-    def __init__(self, root: Path, pool: list[str]) -> None:
-        self.model, self.tokenizer = load_sentence_classifier()
-        self.root, self.pool, self.cache = root, pool, {}
 
-    def __call__(self, adapter: str | None, text: int) -> torch.Tensor:
-        key = (adapter, text)
-        if key not in self.cache:
-            if adapter is not None and adapter not in ak.adapters(self.model):
-                ak.load(self.model, self.root / adapter)
-            ak.activate(self.model, adapter)
-            encoded = self.tokenizer([self.pool[text]], return_tensors="pt", truncation=True, max_length=128)
-            with torch.no_grad():
-                self.cache[key] = self.model(**encoded)["logits"][0].float()
-        return self.cache[key]
+def kind_of(entry: Any) -> str:
+    return entry.method + ("" if entry.bits == 32 else f" {entry.bits}-bit")
+
+
+def separation(table: torch.Tensor) -> float:
+    """The smallest max |Δ logit| between two different rows of ``table`` (adapters, base) on one text."""
+    gaps = (table[:, None] - table[None, :]).abs().amax(-1)  # [A, A, texts]
+    gaps[torch.eye(len(table), dtype=torch.bool)] = float("inf")  # an adapter against itself does not count
+    return float(gaps.min())
+
+
+class Histogram:
+    """Latencies in fixed log-spaced buckets (10 µs to ~17 min, 2% wide): memory stays constant."""
+
+    LOW, GROWTH, BUCKETS = 1e-5, 1.02, 932
+
+    def __init__(self) -> None:
+        self.counts = [0] * self.BUCKETS
+
+    def record(self, seconds: float) -> None:
+        index = 0 if seconds <= self.LOW else int(math.log(seconds / self.LOW, self.GROWTH)) + 1
+        self.counts[min(index, self.BUCKETS - 1)] += 1
+
+    def percentile(self, q: float) -> float | None:
+        """The upper edge of the bucket holding the ``q``-th percentile, in seconds (None: empty)."""
+        total, seen = sum(self.counts), 0
+        for index, count in enumerate(self.counts):
+            seen += count
+            if total and seen >= q / 100 * total:
+                return self.LOW * self.GROWTH ** index
+        return None
 
 
 def slope_per_1000(points: list[tuple[int, int]]) -> float:
@@ -117,9 +153,7 @@ class HttpClient:
         import socket
 
         import uvicorn
-
         from adapterkit.apps.serve.app import create_app
-
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
@@ -132,7 +166,6 @@ class HttpClient:
     def predict(self, adapter: str | None, batch: list[str]) -> list[list[float]]:
         import urllib.error
         import urllib.request
-
         body = json.dumps({"adapter": adapter, "texts": batch}).encode()
         request = urllib.request.Request(f"{self.url}/predict", data=body, method="POST",
                                          headers={"content-type": "application/json"})
@@ -155,6 +188,9 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         names = make_adapters(root, args.per_kind, args.seed)
+        table = references(root, names, pool)  # before the measured run; the reference model is freed
+        row_of = {name: i for i, name in enumerate([*names, None])}
+        closest = separation(table)
         model, tokenizer = load_sentence_classifier()
         store = AdapterStore(model, root)
         churn = [n for i, n in enumerate(names) if i % 3 == 2]
@@ -163,22 +199,35 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
             if name not in churn[1::2]:  # the stable two thirds and every other churned one (RSS starts mid-way)
                 store.load(name)
         rss_after_adapters = rss_bytes()
-        kinds = {}  # one loaded entry per kind of adapter, for the memory table
-        for entry in store.loaded():
-            kinds.setdefault(entry.method + ("" if entry.bits == 32 else f" {entry.bits}-bit"), entry)
+        kinds = {kind_of(entry): entry for entry in reversed(store.loaded())}  # one per kind, for the memory table
         settings = EngineSettings(max_batch=args.max_batch, max_queue=args.max_queue, max_wait_ms=args.max_wait_ms)
         engine = Engine(model, tokenizer, store, settings).start()
         http = HttpClient(engine) if args.http else None
         predict = http.predict if http else (lambda a, b: engine.submit_predict(a, b).result(120).logits)
-        records: list[tuple[str | None, list[int], list[list[float]]]] = []
-        counts = {"not_loaded": 0, "errors": 0, "overloaded_retries": 0, "loads": 0, "unloads": 0}
-        rss: list[tuple[int, int]] = []
-        latencies: list[float] = []  # seconds per answered request, as the client sees it (retries included)
+        counts = {"answered": 0, "rows_checked": 0, "mismatches": 0, "missing_rows": 0, "not_loaded": 0, "errors": 0,
+                  "overloaded_retries": 0, "loads": 0, "unloads": 0, "admin_errors": 0}
+        worst = 0.0
+        first_error: dict[str, str] = {}  # the first client and admin error, shown in the report
+        rss: list[tuple[int, int]] = []  # at most 50 samples
+        latency = Histogram()  # seconds per answered request, as the client sees it (retries included)
         lock, done = threading.Lock(), threading.Event()
         issued = iter(range(args.requests))
         warm = max(args.requests // 10, min(args.requests // 2, 200))
         sample_every = max(1, args.requests // 50)
-        first_error: list[str] = []
+
+        def check(adapter: str | None, rows: list[int], logits: list[list[float]]) -> None:
+            """Compare one answer with the references now; only counters change."""
+            nonlocal worst
+            expected = table[row_of[adapter], rows]
+            got = torch.tensor(logits[:len(rows)]).reshape(-1, expected.shape[-1])
+            diff = (got - expected[:len(got)]).abs().amax(-1)
+            wrong = (diff > TOLERANCE) | (got.argmax(-1) != expected[:len(got)].argmax(-1))
+            with lock:
+                counts["answered"] += 1
+                counts["rows_checked"] += len(got)
+                counts["missing_rows"] += abs(len(logits) - len(rows))  # a dropped or extra row is a mismatch
+                counts["mismatches"] += int(wrong.sum()) + abs(len(logits) - len(rows))
+                worst = max(worst, float(diff.max()) if len(diff) else 0.0)
 
         def client(k: int) -> None:
             rng = random.Random(args.seed * 1000 + k)
@@ -193,21 +242,24 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
                 while True:
                     try:
                         logits = predict(adapter, [pool[r] for r in rows])
+                        elapsed = time.perf_counter() - asked
+                        check(adapter, rows, logits)
                         with lock:
-                            records.append((adapter, rows, logits))
-                            latencies.append(time.perf_counter() - asked)
+                            latency.record(elapsed)
                     except OverloadedError:
                         with lock:
                             counts["overloaded_retries"] += 1
                         time.sleep(0.002)
                         continue
-                    except AdapterNotFoundError:
+                    except AdapterNotFoundError as error:
                         with lock:
                             counts["not_loaded" if adapter in churn else "errors"] += 1
+                            if adapter not in churn:
+                                first_error.setdefault("client", f"{type(error).__name__}: {error}")
                     except Exception as error:  # counted, and the first one shown
                         with lock:
                             counts["errors"] += 1
-                            first_error.append(f"{type(error).__name__}: {error}")
+                            first_error.setdefault("client", f"{type(error).__name__}: {error}")
                     break
                 if i >= warm and i % sample_every == 0:
                     with lock:
@@ -223,10 +275,14 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
                         counts["unloads"] += 1
                     else:
                         entry = engine.load(name).result(60)
-                        kinds.setdefault(entry.method + ("" if entry.bits == 32 else f" {entry.bits}-bit"), entry)
+                        kinds.setdefault(kind_of(entry), entry)
                         counts["loads"] += 1
                 except OverloadedError:
                     pass
+                except Exception as error:  # recorded and reported; the churn goes on
+                    with lock:
+                        counts["admin_errors"] += 1
+                        first_error.setdefault("admin", f"{type(error).__name__}: {error}")
 
         start = time.perf_counter()
         threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)]
@@ -242,27 +298,16 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
             http.close()
         engine.close()
         metrics = engine.metrics.snapshot()
-
-        reference = Reference(root, pool)
-        mismatches, checked, worst = 0, 0, 0.0
-        for adapter, rows, logits in records:
-            for row, got in zip(rows, logits):
-                expected = reference(adapter, row)
-                got_t = torch.tensor(got)
-                diff = float((got_t - expected).abs().max())
-                worst = max(worst, diff)
-                checked += 1
-                mismatches += int(diff > TOLERANCE or int(got_t.argmax()) != int(expected.argmax()))
     ys = [b for _, b in rss]
     return {
         "meta": {"date": now_iso(), "provenance": provenance(), "hardware": hardware(), "torch": torch.__version__,
                  "torch_threads": args.threads, "quick": args.quick, "transport": "http" if args.http else "engine",
                  "settings": vars(args)},
-        "requests": args.requests, "answered": len(records), "rows_checked": checked, "mismatches": mismatches,
-        "max_abs_logit_diff": worst, "tolerance": TOLERANCE, **counts, "first_error": first_error[:1],
+        "requests": args.requests, **counts, "max_abs_logit_diff": worst, "tolerance": TOLERANCE,
+        "closest_adapters_max_abs_logit_diff": closest, "first_error": first_error,
         "adapters": len(names), "churned_adapters": len(churn), "elapsed_s": elapsed,
         "requests_per_s": args.requests / elapsed,
-        "latency_ms": {f"p{q}": percentile(sorted(latencies), q) * 1000 for q in (50, 90, 99)},
+        "latency_ms": {f"p{q}": (v * 1000 if (v := latency.percentile(q)) is not None else None) for q in (50, 90, 99)},
         "batches": metrics["batches"], "mean_batch_size": metrics["mean_batch_size"],
         "batch_size_histogram": metrics["batch_size_histogram"],
         "rss": {"start": ys[0] if ys else None, "end": ys[-1] if ys else None, "max": max(ys) if ys else None,
@@ -273,6 +318,14 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def failed(result: dict[str, Any]) -> list[str]:
+    """Why the soak failed (empty: it passed)."""
+    reasons = [f"{result[k]} {k.replace('_', ' ')}" for k in ("mismatches", "errors", "admin_errors") if result[k]]
+    if not result["closest_adapters_max_abs_logit_diff"] > result["tolerance"]:
+        reasons.append("two adapters answer within the tolerance: a swapped adapter would not show")
+    return reasons
+
+
 def report(result: dict[str, Any]) -> str:
     mib = 2**20
     r = result["rss"]
@@ -281,14 +334,20 @@ def report(result: dict[str, Any]) -> str:
         f"{result['meta']['date']}, commit {str(result['meta']['provenance'].get('commit'))[:10]}, "
         f"transport {result['meta']['transport']}, {result['meta']['torch_threads']} torch thread(s)"
         + (" — **quick smoke run**" if result["meta"]["quick"] else ""), "",
-        "| requests | answered | rows checked | mismatches | max abs logit diff | not loaded (churned) | errors | 429 retries | loads / unloads |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| {result['requests']} | {result['answered']} | {result['rows_checked']} | {result['mismatches']} | "
-        f"{result['max_abs_logit_diff']:.2e} | {result['not_loaded']} | {result['errors']} | {result['overloaded_retries']} | "
-        f"{result['loads']} / {result['unloads']} |", "",
+        "| requests | answered | rows checked | mismatches (missing rows) | max abs logit diff | closest two adapters "
+        "| not loaded (churned) | errors | 429 retries | loads / unloads (admin errors) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {result['requests']} | {result['answered']} | {result['rows_checked']} | {result['mismatches']} "
+        f"({result['missing_rows']}) | {result['max_abs_logit_diff']:.2e} | {result['closest_adapters_max_abs_logit_diff']:.2e} | "
+        f"{result['not_loaded']} | {result['errors']} | {result['overloaded_retries']} | "
+        f"{result['loads']} / {result['unloads']} ({result['admin_errors']}) |", "",
+        f"**{'FAILED: ' + '; '.join(failed(result)) if failed(result) else 'passed'}** (tolerance {result['tolerance']:.0e}; "
+        "'closest two adapters': the smallest max |Δ logit| between two different adapters, or one and the base, on "
+        "one text: an answer from a swapped adapter would differ at least that much)."
+        + "".join(f" First {k} error: `{v}`." for k, v in result["first_error"].items()), "",
         f"{result['adapters']} adapters ({result['churned_adapters']} loaded and unloaded during the run); "
         f"{result['requests_per_s']:.0f} requests/s; client latency p50/p90/p99 "
-        + "/".join(f"{result['latency_ms'][k]:.0f}" for k in ("p50", "p90", "p99"))
+        + "/".join(f"{result['latency_ms'][k] or 0:.0f}" for k in ("p50", "p90", "p99"))
         + f" ms; {result['batches']} forwards, mean batch {result['mean_batch_size'] or 0:.1f} rows.", "",
         f"RSS after warm-up: start {r['start'] / mib if r['start'] else 0:.1f} MiB, end {r['end'] / mib if r['end'] else 0:.1f} MiB, "
         f"max {r['max'] / mib if r['max'] else 0:.1f} MiB; slope {r['slope_bytes_per_1000_requests'] / mib:.3f} MiB per 1,000 requests.", "",
@@ -299,9 +358,8 @@ def report(result: dict[str, Any]) -> str:
     for kind, m in result["memory"].items():
         lines.append(f"| {kind} | {m['parameters']:,} | {m['buffers']:,} | {m['codes']:,} | {m['held']:,} | {m['file']:,} | "
                      f"{m['fits_in_1gib']:,} |")
-    lines += ["", "A 1-bit adapter is small on disk (8 codes a byte) but the process keeps its fp32 latent weights and "
-              "one int64 code per weight (what the forward dequantises), so in memory it holds more than an fp32 LoRA "
-              "of the same rank. SHiRA holds int64 indices beside its values. RSS growth per loaded adapter (approx.): "
+    lines += ["", "Held in process: what `adapterkit.apps.serve.adapter_memory` counts for the loaded adapter (SHiRA "
+              "holds int64 indices beside its values). RSS growth per loaded adapter (approx.): "
               f"{result['rss_per_loaded_adapter_approx'] / 1024:.0f} KiB.", ""]
     return "\n".join(lines)
 
@@ -334,6 +392,8 @@ def main() -> None:
     (out / f"{stem}.md").write_text(report(result))
     print(report(result))
     print(f"wrote {out / stem}.{{json,md}}")
+    if failed(result):
+        sys.exit(1)
 
 
 if __name__ == "__main__":
