@@ -359,7 +359,9 @@ def report(result: dict[str, Any]) -> str:
         lines.append(f"| {kind} | {m['parameters']:,} | {m['buffers']:,} | {m['codes']:,} | {m['held']:,} | {m['file']:,} | "
                      f"{m['fits_in_1gib']:,} |")
     lines += ["", "Held in process: what `adapterkit.apps.serve.adapter_memory` counts for the loaded adapter (SHiRA "
-              "holds int64 indices beside its values). RSS growth per loaded adapter (approx.): "
+              "holds int64 indices beside its values; a low-bit adapter is loaded packed, `ak.pack`: its buffers are the "
+              "file's codes, 8/bits a byte, and μ, σ per matrix). These are tensor bytes; each adapter also holds Python "
+              "and torch objects (modules, ~2 KB per tensor), which dominate for packed ones. RSS growth per loaded adapter (approx.): "
               f"{result['rss_per_loaded_adapter_approx'] / 1024:.0f} KiB.", ""]
     return "\n".join(lines)
 
