@@ -351,3 +351,17 @@ def test_threads_run_packed_adapters_with_their_own_rows(mlp, one_thread):
     for thread in threads:
         thread.join()
     assert runs == [20] * len(plans) and wrong == []
+
+
+def test_adapter_trainer_refuses_a_packed_adapter(tiny_bert, tmp_path):
+    from transformers import TrainingArguments
+
+    ak.attach(tiny_bert, ak.LoRAConfig(r=2, target_modules=["query"], bits=1), "q")
+    ak.pack(tiny_bert, "q")
+    rows = [{"input_ids": torch.randint(1, 100, (6,)), "labels": torch.tensor(i % 3)} for i in range(4)]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, save_strategy="no",
+                             logging_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
+    before = snapshot(tiny_bert)
+    with pytest.raises(ak.UnsupportedError, match="packed"):
+        ak.AdapterTrainer(model=tiny_bert, args=args, train_dataset=rows).train()
+    assert_unchanged(tiny_bert, before)

@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer, TrainerCallback
 
 from ..core.api import adapters, detach
+from ..core.packing import refuse_training
 from ..core.state import get_state
 from ..errors import MissingFileError
 from ..io.artefact import load
@@ -96,6 +97,12 @@ class AdapterTrainer(Trainer):
         self.add_callback(StepCallback())
         self.adapter_names = list(adapter_names) if adapter_names is not None else None
         self.save_format = save_format
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``; refused with an UnsupportedError while a packed adapter is active and
+        would train or is all there is to train (:func:`adapterkit.unpack` it first)."""
+        refuse_training(self.model)
+        return super().train(*args, **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if not self.args.should_save:
