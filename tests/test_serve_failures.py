@@ -118,11 +118,13 @@ def test_close_keeps_its_timeout_with_a_full_queue(saved, one_thread):
     assert gate.entered.wait(20)
     queued = [engine.submit_predict(None, [t]) for t in TEXTS[1:3]]  # the queue is full
     stopped: list[bool] = []
-    closer = threading.Thread(target=lambda: stopped.append(engine.close(timeout=0.05)))
+    closer = threading.Thread(target=lambda: stopped.append(engine.close(timeout=0.05)), daemon=True)
     closer.start()
-    closer.join(20)  # before the fix: blocked on the full queue until the worker made room
-    assert not closer.is_alive() and stopped == [False]
-    gate.release()
+    try:
+        closer.join(20)  # before the fix: blocked on the full queue until the worker made room
+        assert not closer.is_alive() and stopped == [False]
+    finally:
+        gate.release()
     assert engine.close(20)
     for future in (held, *queued):
         assert len(future.result(0).logits) == 1
@@ -132,14 +134,16 @@ def test_the_queue_holds_exactly_max_queue_with_a_carried_request(saved, one_thr
     engine = classifier_engine(saved[0], EngineSettings(max_queue=2, max_batch=2, max_length=64, max_wait_ms=10_000))
     gate = Gate(engine.model)
     with engine:
-        first = engine.submit_predict(None, [TEXTS[0]])
-        carried = engine.submit_predict(None, TEXTS[1:3])  # 1 + 2 rows > max_batch: carried to the next batch
-        assert gate.entered.wait(20)  # the worker runs "first" alone, "carried" taken from the queue but waiting
-        assert engine.queued == 1
-        third = engine.submit_predict(None, TEXTS[3:5])  # 2 rows: a full batch, no waiting for more
-        with pytest.raises(OverloadedError):
-            engine.submit_predict(None, [TEXTS[5]])  # before the fix: accepted (2 in the queue + 1 carried)
-        gate.release()
+        try:
+            first = engine.submit_predict(None, [TEXTS[0]])
+            carried = engine.submit_predict(None, TEXTS[1:3])  # 1 + 2 rows > max_batch: carried to the next batch
+            assert gate.entered.wait(20)  # the worker runs "first" alone; "carried" left the queue but waits
+            assert engine.queued == 1
+            third = engine.submit_predict(None, TEXTS[3:5])  # 2 rows: a full batch, no waiting for more
+            with pytest.raises(OverloadedError):
+                engine.submit_predict(None, [TEXTS[5]])  # before the fix: accepted (2 in the queue + 1 carried)
+        finally:
+            gate.release()
         assert [len(f.result(20).logits) for f in (first, carried, third)] == [1, 2, 2]
 
 

@@ -57,18 +57,21 @@ class Metrics:
         self._lock = threading.Lock()
 
     def record_request(self, status: int, seconds: float) -> None:
+        """Count one HTTP answer with its status and latency."""
         with self._lock:
             self.requests += 1
             self.by_status[int(status)] += 1
             self._latencies.append(seconds)
 
     def record_batch(self, rows: int) -> None:
+        """Count one forward of ``rows`` rows."""
         with self._lock:
             self.batches += 1
             self.rows += rows
             self.batch_sizes[int(rows)] += 1
 
     def latency_ms(self) -> dict[str, float]:
+        """Latency percentiles over the window, in milliseconds (nan when nothing was recorded)."""
         with self._lock:
             values = sorted(self._latencies)
         return {f"p{q}": percentile(values, q) * 1000 for q in PERCENTILES}

@@ -63,6 +63,7 @@ class AdapterMemory:
         return self.parameters + self.buffers + self.codes
 
     def to_dict(self) -> dict[str, int]:
+        """The fields and :attr:`held`, JSON-ready."""
         return {**dataclasses.asdict(self), "held": self.held}
 
 
