@@ -37,13 +37,8 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_intra_op_thread():
-    """Tiny models: on a busy 2-core machine OpenMP's hand-offs cost more than the work."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny models: on a busy 2-core machine OpenMP's hand-offs cost more than the work (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def add(model: nn.Module, kind: str, name: str, i: int) -> None:

@@ -28,13 +28,8 @@ FORWARDS = 200
 THREADS = 4
 
 
-@pytest.fixture(autouse=True)
-def one_intra_op_thread():
-    """Python threads supply the concurrency; intra-op pools in every thread only oversubscribe the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Python threads supply the concurrency; intra-op pools in every thread only oversubscribe the cores
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(seed: int, kind: str) -> nn.Module:

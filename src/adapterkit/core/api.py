@@ -130,6 +130,7 @@ PROGRESS_BYTES = 2**30  # show a progress bar when fusing touches more than 1 Gi
 
 
 def _fuse_into_weights(state: ModelState, target: Weighted, exact: bool) -> None:
+    state.changed()  # before the weights change: a per_row block on another thread must not miss it
     wrappers = list(state.wrappers.values())
     weights = [getattr(w.base_layer, "weight", None) for w in wrappers]
     size = sum(t.numel() * t.element_size() for t in weights if isinstance(t, torch.Tensor))
@@ -193,6 +194,7 @@ def unfuse(model: nn.Module, free_memory: bool = False) -> None:
     that held the originals are kept for the next fuse unless ``free_memory=True``.
     """
     state = get_state(model)
+    state.changed()  # before the weights change (see _fuse_into_weights)
     for wrapper in state.wrappers.values():
         wrapper.restore()
         if free_memory:

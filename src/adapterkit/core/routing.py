@@ -9,13 +9,13 @@ from a forward pre-hook on the model that derives it from the call's ``token_typ
 from __future__ import annotations
 
 import inspect
-import threading
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from .threadstack import ThreadStacks
 
 
 def document_mask(token_type_ids: Tensor) -> Tensor:
@@ -32,18 +32,15 @@ def check_mask(mask: Any) -> Tensor:
     return mask
 
 
-class Routing:
+class Routing(ThreadStacks):
     """The masks of the forwards running on one model, one stack per thread.
 
     Explicit masks (:func:`adapterkit.routing`) win over masks derived from ``token_type_ids``.
     Copies of a model (``copy.deepcopy``, pickling) get a fresh, empty one.
     """
 
-    def __init__(self) -> None:
-        self._local = threading.local()
-
     def _stack(self, kind: str) -> list[Tensor | None]:
-        return self._local.__dict__.setdefault(kind, [])
+        return self.stack(kind)
 
     def push(self, mask: Tensor | None, explicit: bool = True) -> None:
         self._stack("explicit" if explicit else "derived").append(mask)
@@ -77,15 +74,6 @@ class Routing:
 
     def after(self, model: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         self.pop(explicit=False)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> "Routing":
-        return Routing()
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__()
 
 
 def _hidden(output: Any) -> Tensor:

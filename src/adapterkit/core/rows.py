@@ -19,7 +19,6 @@ thread has its own slot stack per module, so threads may run one model with diff
 from __future__ import annotations
 
 import dataclasses
-import threading
 from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
 import torch
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError, UnsupportedError
 from .functional import call_with
 from .layers import DeltaLayer, ModuleCopy, ModuleLayer
+from .threadstack import ThreadStacks
 
 if TYPE_CHECKING:
     from .host import AdaptedModule
@@ -49,73 +49,98 @@ class FactoredRows(Protocol):
         ``None`` when the output is not that product (a conv, active dropout)."""
 
 
+class ModelWatch(Protocol):
+    """What :func:`adapterkit.per_row` checks at every adapted module: that the model's adapters
+    are still those the block was entered with."""
+
+    def check(self) -> None:
+        """Raise ``ConfigError`` (naming the change) when they are not."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GatherPlan:
+    """The rows of one gathered bmm: ``rows`` (``None``: every row of the batch) and, for each of
+    them, the index of its adapter in the stacked factors (``which``)."""
+
+    rows: Tensor | None
+    which: Tensor
+
+
 @dataclasses.dataclass(frozen=True)
 class RowAssignment:
     """The adapter of each row of one forward, grouped: ``rows[k]`` are the rows of ``adapters[k]``.
 
-    ``group_of_row`` holds each row's index into ``adapters`` (-1: the base only). ``paths``
-    names the adapted modules for error messages. Index tensors are kept per device.
+    ``groups`` holds each row's index into ``adapters`` (-1: the base only). ``paths`` names the
+    adapted modules for error messages; ``watch`` is checked at every module. Index tensors live
+    on ``device``; :meth:`on` gives (and keeps) the copy for another device, so every index is
+    built on the CPU and moved once per device, not per module.
     """
 
     names: tuple[str | None, ...]
     adapters: tuple[str, ...]
     rows: tuple[Tensor, ...]
-    group_of_row: Tensor
+    groups: tuple[int, ...]
     paths: Mapping[int, str] = dataclasses.field(default_factory=dict, repr=False)
+    watch: ModelWatch | None = dataclasses.field(default=None, repr=False, compare=False)
+    device: torch.device = torch.device("cpu")
     _on: dict[torch.device, "RowAssignment"] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    _plans: dict[tuple[int, ...], GatherPlan] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def of(cls, names: Sequence[str | None], paths: Mapping[int, str] | None = None) -> "RowAssignment":
+    def of(cls, names: Sequence[str | None], paths: Mapping[int, str] | None = None,
+           watch: ModelWatch | None = None) -> "RowAssignment":
+        """Group ``names`` (one adapter name or ``None`` per row) by adapter, in order of first
+        appearance; the index tensors are made on the CPU."""
         grouped: dict[str, list[int]] = {}
         for i, name in enumerate(names):
             if name is not None:
                 grouped.setdefault(name, []).append(i)
         adapters = tuple(grouped)
-        group_of_row = [-1] * len(names)
+        groups = [-1] * len(names)
         for k, rows in enumerate(grouped.values()):
             for i in rows:
-                group_of_row[i] = k
+                groups[i] = k
         return cls(tuple(names), adapters, tuple(torch.tensor(r, dtype=torch.int64) for r in grouped.values()),
-                   torch.tensor(group_of_row, dtype=torch.int64), paths or {})
+                   tuple(groups), paths or {}, watch)
 
     def on(self, device: torch.device) -> "RowAssignment":
         """The same assignment with its index tensors on ``device``."""
-        if device == self.group_of_row.device:
+        if device == self.device:
             return self
         moved = self._on.get(device)
         if moved is None:
             moved = self._on[device] = dataclasses.replace(
-                self, rows=tuple(r.to(device) for r in self.rows), group_of_row=self.group_of_row.to(device), _on={})
+                self, rows=tuple(r.to(device) for r in self.rows), device=device, _on={}, _plans={})
         return moved
 
+    def gather_plan(self, members: tuple[int, ...]) -> GatherPlan:
+        """The :class:`GatherPlan` of the rows whose adapter is one of ``members`` (indices into
+        ``adapters``; position ``i`` in ``members`` is the factors' index ``i``), made once."""
+        plan = self._plans.get(members)
+        if plan is None:
+            slot = {k: i for i, k in enumerate(members)}
+            which = [slot.get(g, -1) for g in self.groups]
+            kept = [i for i, w in enumerate(which) if w >= 0]
+            rows = None if len(kept) == len(which) else torch.tensor(kept, dtype=torch.int64).to(self.device)
+            plan = self._plans[members] = GatherPlan(rows, torch.tensor([which[i] for i in kept], dtype=torch.int64).to(self.device))
+        return plan
 
-class RowSlot:
+
+class RowSlot(ThreadStacks):
     """The row assignments of the forwards running through one adapted module, one stack per
-    thread (``None`` outside :func:`adapterkit.per_row`). Copies of a model get an empty one."""
-
-    def __init__(self) -> None:
-        self._local = threading.local()
+    thread (empty outside :func:`adapterkit.per_row`). Copies of a model get an empty one."""
 
     def current(self) -> RowAssignment | None:
-        return self._local.__dict__.get("top")
+        """The assignment of the calling thread's innermost ``per_row`` block, or ``None``."""
+        return self.top("rows")
 
     def push(self, assignment: RowAssignment) -> None:
-        state = self._local.__dict__
-        state.setdefault("stack", []).append(state.get("top"))
-        state["top"] = assignment
+        """Enter a block on the calling thread (its forwards now run ``assignment``)."""
+        self.stack("rows").append(assignment)
 
     def pop(self) -> None:
-        state = self._local.__dict__
-        state["top"] = state["stack"].pop()
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> "RowSlot":
-        return RowSlot()
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__()
+        """Leave the calling thread's innermost block."""
+        self.stack("rows").pop()
 
 
 #: modules whose output is always a new tensor: rows may be written into it in place
@@ -164,6 +189,8 @@ class _Output:
 def run_rows(host: AdaptedModule, assignment: RowAssignment, x: Tensor, args: tuple[Any, ...],
              kwargs: dict[str, Any]) -> Any:
     """The forward of ``host`` with each row's own adapter (at weight 1.0)."""
+    if assignment.watch is not None:
+        assignment.watch.check()  # the model may have changed since the block began (another thread)
     present = [(k, layer) for k, name in enumerate(assignment.adapters) if (layer := host.layer(name)) is not None]
     if not present:
         return host.base_layer(x, *args, **kwargs)
@@ -237,18 +264,13 @@ def _first(output: Any) -> Tensor:
 
 def _gathered(out: _Output, a: RowAssignment, x: Tensor,
               group: list[tuple[int, DeltaLayer, tuple[Tensor, Tensor, float]]]) -> None:
-    """One batched matmul pair for many LoRA groups: each row's A and B gathered (BGMV)."""
+    """One batched matmul pair for many LoRA groups: each row's A and B gathered (BGMV). The row
+    indices come from the assignment (made once, on the CPU): nothing here waits for the device."""
     lefts = torch.stack([f[0] for _, _, f in group])  # (n, r, in)
-    scalings = torch.tensor([f[2] for _, _, f in group], dtype=lefts.dtype, device=lefts.device)
-    rights = torch.stack([f[1] for _, _, f in group]) * scalings.view(-1, 1, 1)  # (n, out, r), scaled
-    slot = torch.full((len(a.adapters),), -1, dtype=torch.int64, device=x.device)
-    slot[torch.tensor([k for k, _, _ in group], device=x.device)] = torch.arange(len(group), device=x.device)
-    which = slot[a.group_of_row.clamp(min=0)].masked_fill_(a.group_of_row < 0, -1)
-    if bool((which >= 0).all()):
-        rows, sub = None, x
-    else:
-        rows = torch.nonzero(which >= 0).flatten()
-        which, sub = which.index_select(0, rows), x.index_select(0, rows)
+    rights = torch.stack(torch._foreach_mul([f[1] for _, _, f in group], [f[2] for _, _, f in group]))  # scaled
+    plan = a.gather_plan(tuple(k for k, _, _ in group))
+    rows, which = plan.rows, plan.which
+    sub = x if rows is None else x.index_select(0, rows)
     flat = sub.reshape(sub.shape[0], -1, sub.shape[-1]).to(lefts.dtype)
     which = which.to(lefts.device)
     h = torch.bmm(flat, lefts.index_select(0, which).transpose(1, 2))

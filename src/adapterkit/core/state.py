@@ -46,7 +46,9 @@ class ModelState:
     ``active`` and ``fused`` are ``(name, weight)`` pairs; fused adapters are always active.
     ``composition`` is the block given to ``ak.activate`` (None for a name or a list); it is in
     effect while its flattened adapters equal ``active`` (code that sets ``active`` directly gets
-    plain-list behaviour until it puts the same adapters back).
+    plain-list behaviour until it puts the same adapters back). ``version`` counts changes (every
+    attach, detach, activation, fuse and unfuse ends in :meth:`refresh_plans`; fusing also counts
+    before it writes weights), so ``ak.per_row`` can notice a change during its block cheaply.
     """
 
     adapters: dict[str, AdapterRecord] = dataclasses.field(default_factory=dict)
@@ -59,14 +61,22 @@ class ModelState:
     composition: Block | None = None
     routing: Routing = dataclasses.field(default_factory=Routing)  # per-thread masks of an active Split
     routing_hooks: tuple[RemovableHandle, ...] = ()  # model hooks deriving masks from token_type_ids
+    version: int = dataclasses.field(default=0, repr=False, compare=False)
 
     def fields(self) -> dict[str, object]:
-        """A shallow copy of every field (containers copied), for :meth:`set_fields`."""
-        return {f.name: (dict(v) if isinstance(v := getattr(self, f.name), dict) else v) for f in dataclasses.fields(self)}
+        """A shallow copy of every field but ``version`` (containers copied), for :meth:`set_fields`."""
+        return {f.name: (dict(v) if isinstance(v := getattr(self, f.name), dict) else v) for f in dataclasses.fields(self)
+                if f.name != "version"}
 
     def set_fields(self, values: dict[str, object]) -> None:
+        """Put back what :meth:`fields` returned; a change like any other (``version`` only grows)."""
         for name, value in values.items():
             setattr(self, name, dict(value) if isinstance(value, dict) else value)
+        self.changed()
+
+    def changed(self) -> None:
+        """Count a change of the adapters, their activation or the fused weights."""
+        self.version += 1
 
     def host(self, path: str) -> AdaptedModule | ModelHost:
         """The host of module ``path`` (``""``: the model-level host)."""
@@ -102,6 +112,8 @@ class ModelState:
         return routed_spec(self.block())
 
     def refresh_plans(self) -> None:
+        """Rebuild every host's forward plan after a change (and count it: :meth:`changed`)."""
+        self.changed()
         fused = frozenset(name for name, _ in self.fused)
         routed = self.routed()
         for host in self.hosts():
