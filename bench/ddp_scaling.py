@@ -23,7 +23,10 @@ the all-reduce, clipping, AdamW); throughput = global examples per step / median
 Communication: a DDP comm hook counts the bytes of every bucket it all-reduces (then runs
 torch's default all-reduce hook): adapter gradients only (frozen parameters have none), vs the
 bytes of all the model's parameters (what full fine-tuning would all-reduce every step). MoSA's
-unchosen modules sit in the buckets too (as zeros: DDP reduces whole buckets).
+unchosen modules sit in the buckets too (as zeros: DDP reduces whole buckets). Not in that
+figure, reported beside it: with the unused-parameter search (MoSA) DDP also all-reduces its map of
+used parameters (4 bytes per trainable tensor), and every step's draw/batch check all-gathers
+16 bytes per process (``distributed.check_draws``).
 
 Writes ``bench/results/ddp_scaling.json`` and ``.md`` (``--quick``: ``ddp_scaling.quick.*``).
 """
@@ -138,7 +141,12 @@ def measure(case: Case) -> dict[str, Any]:
             "buckets_per_step": None if counter is None else counter.buckets / (case.warmup + case.steps),
             "trainable_bytes": trainable,
             "model_param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-            "find_unused_parameters": None if world == 1 else distributed.may_skip_parameters(model)}
+            "find_unused_parameters": None if world == 1 else distributed.may_skip_parameters(model),
+            # beside the buckets: DDP's used-parameter map (int32 per trainable tensor, with the search)
+            # and the per-step check's all-gather (two int64s from each process)
+            "unused_map_bytes_per_step": None if world == 1 else
+            4 * sum(p.requires_grad for p in model.parameters()) * distributed.may_skip_parameters(model),
+            "check_bytes_per_step": None if world == 1 else 16 * world}
 
 
 def worker(cases: list[Case]) -> list[dict[str, Any]]:
@@ -226,7 +234,12 @@ def main() -> None:
               f"sequence length {args.seq_len}, {args.warmup} warm-up + {args.steps} timed steps; other processes' "
               f"load (cores) during the runs: {json.dumps({k: v['other_processes_cores'] for k, v in contention.items()})}."
               "\n\n")
-    (out / f"{stem}.md").write_text(header + report(rows) + "\n")
+    extra = {r["method"]: (r["unused_map_bytes_per_step"], r["check_bytes_per_step"]) for r in rows if r["processes"] > 1}
+    note = ("\n\n'all-reduced / step' counts DDP's gradient buckets only. Besides them, each step of 2 processes "
+            "exchanges: " + "; ".join(f"{m}: {u} B of DDP's used-parameter map (all-reduced, with the unused-parameter "
+                                       f"search only) and {c} B of the draw/batch check (all-gathered)"
+                                       for m, (u, c) in extra.items()) + ".\n")
+    (out / f"{stem}.md").write_text(header + report(rows) + note)
     print(f"wrote {out / stem}.json and .md")
 
 

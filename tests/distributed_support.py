@@ -123,6 +123,13 @@ def single_process(case: str) -> Run:
     return Run(trainable(model), seen, losses)
 
 
+def single_process_iterable() -> Run:
+    """The reference of :func:`_ddp_iterable`: LoRA, one process, a generator of the global batches."""
+    model = adapted("lora")
+    losses = ak.train(model, (b for b in global_batches()), lr=STEPS_LR, progress=False)
+    return Run(trainable(model), [], losses)
+
+
 def _ddp(case: str) -> Run:
     model = adapted(case)
     seen: list[list[int]] = []
@@ -170,6 +177,50 @@ def _fsdp(case: str) -> Run:
 def _write(out: Path, key: str, run: Run) -> None:
     save_file(run.params, str(out / f"{key}.safetensors"))
     (out / f"{key}.json").write_text(json.dumps({"draws": run.draws, "losses": run.losses}))
+
+
+def _ddp_iterable() -> Run:
+    """LoRA trained from a generator of the global batches (no length)."""
+    model = adapted("lora")
+    losses = distributed.train(model, (b for b in global_batches()), lr=STEPS_LR)
+    return Run(trainable(model), [], losses)
+
+
+class Spare(Tiny):
+    """Tiny with a linear layer its forward never runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spare = nn.Linear(16, 16)
+
+
+def _unused() -> str:
+    """An adapter on a module the forward never runs: refused after the first step on every rank."""
+    torch.manual_seed(0)
+    model = Spare().requires_grad_(False)
+    ak.attach(model, ak.LoRAConfig(r=2, target_modules=["l1", "spare"]), "a")
+    before = trainable(model)
+    try:
+        distributed.train(model, global_batches(), lr=STEPS_LR)
+    except ak.AdapterError as error:
+        unchanged = all(torch.equal(before[k], v) for k, v in trainable(model).items())
+        return f"{type(error).__name__} unchanged={unchanged}: {error}"
+    return "trained"
+
+
+def _batch_desync(rank: int) -> str:
+    """Rank 1 is given other global batches of the same shapes: refused at the first step."""
+    model = adapted("lora")
+    batches = global_batches()
+    if rank == 1:
+        batches[0]["input_ids"][0, 0] = (batches[0]["input_ids"][0, 0] + 1) % 50
+    before = trainable(model)
+    try:
+        distributed.train(model, batches, lr=STEPS_LR)
+    except distributed.RankMismatchError as error:
+        unchanged = all(torch.equal(before[k], v) for k, v in trainable(model).items())
+        return f"RankMismatchError unchanged={unchanged}: {error}"
+    return "trained"
 
 
 def _desync(rank: int) -> str:
@@ -246,7 +297,8 @@ def worker(rank: int, world: int, init: str, out_dir: str) -> None:
     jobs += [(f"fsdp_{case}", lambda case=case: _fsdp(case)) for case in FSDP_CASES]
     jobs += [(f"ddpplain_{case}", lambda case=case: _ddp_plain(case)) for case in ("mosa", "mosa_bottleneck")]
     jobs += [("ranking", ranking_run), ("desync", lambda: _desync(rank)), ("on_main", lambda: _on_main(rank, out)),
-             ("mosa_settings", _mosa_settings)]
+             ("mosa_settings", _mosa_settings), ("ddp_iterable", _ddp_iterable), ("unused", _unused),
+             ("batch_desync", lambda: _batch_desync(rank))]
     try:
         for key, job in jobs:
             try:
@@ -263,15 +315,60 @@ def worker(rank: int, world: int, init: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def spawn(out: Path, world: int = 2, timeout: float = 240.0) -> None:
-    """Run :func:`worker` on ``world`` ranks; kill them and fail after ``timeout`` seconds."""
+def cuda_worker(rank: int, world: int, init: str, out_dir: str) -> None:
+    """One rank of an NCCL group (one GPU each): the draw and batch checks, on_main, and
+    :func:`distributed.train` of DyLoRA on the GPU; writes ``cuda_rank<r>.json``."""
+    out = Path(out_dir)
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    report: dict[str, Any] = {}
+    try:
+        model = adapted("dylora").cuda()
+        ak.step(model)
+        distributed.check_draws(model)
+        batches = [{k: v.cuda() for k, v in batch.items()} for batch in global_batches()]
+        distributed.check_draws(model, distributed.shard_batch(batches[0], rank, world))
+        report["on_main"] = distributed.on_main(lambda: "done")
+        report["device"] = str(distributed.collective_device())
+        model = adapted("dylora").cuda()
+        report["losses"] = distributed.train(model, batches, lr=STEPS_LR)
+        distributed.check_in_sync(model)
+    except Exception:
+        report["error"] = traceback.format_exc()
+    finally:
+        (out / f"cuda_rank{rank}.json").write_text(json.dumps(report))
+        dist.destroy_process_group()
+
+
+def returns_rank() -> int:
+    """A :func:`distributed.launch` target: this process's rank, from its environment."""
+    return int(os.environ["RANK"])
+
+
+def waits(flag: str) -> None:
+    """A :func:`distributed.launch` target that writes its pid to ``flag``, then waits to be stopped."""
+    import time
+
+    Path(flag).write_text(str(os.getpid()))
+    time.sleep(120)
+
+
+def spawn(out: Path, world: int = 2, timeout: float = 240.0, target: Callable[..., None] = worker) -> None:
+    """Run ``target(rank, world, init, out)`` (default :func:`worker`) on ``world`` ranks; kill
+    them and fail after ``timeout`` seconds. The ranks get OMP_NUM_THREADS=1 unless it is set;
+    this process's environment is left as it was."""
     import time
 
     import torch.multiprocessing as mp
 
     init = f"file://{out / 'rendezvous'}"
+    had = os.environ.get("OMP_NUM_THREADS")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    context = mp.start_processes(worker, args=(world, init, str(out)), nprocs=world, join=False, start_method="spawn")
+    try:  # spawned children copy the environment when they start
+        context = mp.start_processes(target, args=(world, init, str(out)), nprocs=world, join=False, start_method="spawn")
+    finally:
+        if had is None:
+            del os.environ["OMP_NUM_THREADS"]
     deadline = time.monotonic() + timeout
     while not context.join(timeout=1.0):
         if time.monotonic() > deadline:

@@ -88,7 +88,33 @@ def test_mosa_fails_loudly_under_a_static_graph_or_without_the_unused_parameter_
     for rank in range(WORLD):
         outcome = _report(ranks, rank)["mosa_settings"]
         assert "graph has changed" in outcome["static_graph"], outcome
-        assert "finished reduction in the prior iteration" in outcome["no_unused_search"], outcome
+        assert outcome["no_unused_search"].startswith("adapter 'a' on ['l1', 'l2'] got no gradient in the first step"), \
+            outcome
+
+
+def test_an_adapter_on_a_module_the_forward_never_runs_is_named_after_the_first_step(ranks):
+    for rank in range(WORLD):
+        outcome = _report(ranks, rank)["unused"]
+        assert outcome.startswith("AdapterError unchanged=True: adapter 'a' on ['spare'] got no gradient"), outcome
+        assert "find_unused_parameters" in outcome
+
+
+def test_a_rank_given_other_global_batches_is_refused_before_any_change(ranks):
+    for rank in range(WORLD):
+        outcome = _report(ranks, rank)["batch_desync"]
+        assert outcome.startswith("RankMismatchError unchanged=True: global batches"), outcome
+
+
+def test_batches_without_a_length_train_like_one_process(ranks):
+    reference = support.single_process_iterable()
+    for rank in range(WORLD):
+        run = _run(ranks, "ddp_iterable", rank)
+        for name, value in reference.params.items():
+            assert torch.allclose(run.params[name], value, atol=2e-6, rtol=1e-4), (rank, name)
+        assert run.losses == pytest.approx(reference.losses, rel=1e-4, abs=1e-6)
+    sharded = distributed.ShardedBatches(iter(support.global_batches()), rank=0, world=2)
+    assert not hasattr(sharded, "__len__") and [s.rows for s in sharded] == [2, 3, 2, 1]
+    assert len(distributed.ShardedBatches(support.global_batches(), rank=0, world=2)) == 4
 
 
 def test_only_rank_zero_saves_and_its_errors_reach_every_rank(ranks):
@@ -114,6 +140,9 @@ def test_shards_cover_the_global_batch_in_order_with_weights_that_average_to_one
     assert shards[1].batch["flag"] is True
     lonely = distributed.shard_batch({"x": torch.ones(1, 3)}, 1, 2)  # no row of its own: one row at weight 0
     assert lonely.rows == 0 and lonely.weight == 0 and lonely.batch["x"].shape == (1, 3)
+    assert shards[0].fingerprint == shards[1].fingerprint == distributed.batch_fingerprint(batch)
+    other = {**batch, "input_ids": batch["input_ids"].flip(0)}
+    assert distributed.shard_batch(other, 0, 2).fingerprint != shards[0].fingerprint
     with pytest.raises(ak.ConfigError):
         distributed.shard_batch({"a": torch.ones(2), "b": torch.ones(3)}, 0, 2)
     with pytest.raises(ak.ConfigError):
@@ -131,6 +160,32 @@ def test_unused_parameter_search_is_on_exactly_when_a_step_may_skip_parameters()
     ak.attach(two, ak.LoRAConfig(r=2, target_modules=["l1"]), "b")
     ak.activate(two, "a")
     assert distributed.may_skip_parameters(two)  # "b" requires gradients but is inactive
+
+
+def test_a_rank_without_rows_has_an_exact_zero_loss_even_when_its_row_is_nan():
+    model = support.adapted("lora")
+    ignored = {"input_ids": torch.tensor([[1, 2, 3, 4, 5]]), "labels": torch.tensor([-100])}  # loss 0/0 = NaN
+    assert torch.isnan(distributed.LossModule(model)(ignored, 1.0))
+    loss = distributed.LossModule(model)(ignored, 0.0)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and not g.any() for g in grads)  # the same parameters as row 0 uses
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or not torch.distributed.is_nccl_available(),
+                    reason="needs a CUDA device and NCCL")
+def test_the_collective_helpers_and_training_work_on_an_nccl_group(tmp_path):
+    world = min(2, torch.cuda.device_count())  # NCCL wants one device per rank
+    support.spawn(tmp_path, world, timeout=240, target=support.cuda_worker)
+    reference = support.single_process("dylora")
+    for rank in range(world):
+        report = json.loads((tmp_path / f"cuda_rank{rank}.json").read_text())
+        assert "error" not in report, report["error"]
+        assert report["device"] == f"cuda:{rank}"
+        assert report["on_main"] == ("done" if rank == 0 else None)
+        assert report["losses"] == pytest.approx(reference.losses, rel=1e-3, abs=1e-5)
 
 
 def test_without_a_process_group_the_helpers_refuse_or_do_nothing():

@@ -76,3 +76,25 @@ def test_a_resumed_run_ends_where_the_uninterrupted_one_did(launched):
 def test_mosa_trainer_two_pass_loss_trains_under_ddp_in_sync(launched):
     first, second = _reports(launched)
     assert first["mosa_steps"] == second["mosa_steps"] and len(first["mosa_steps"]) == 2
+
+
+def test_the_unused_parameter_search_follows_the_adapters_unless_the_user_set_it(tiny_bert, tmp_path):
+    """In process: what AdapterTrainer hands accelerate's DDP settings (``ddp_find_unused_parameters``)."""
+    import copy
+
+    from transformers import TrainingArguments
+
+    import adapterkit as ak
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    lora, mosa = copy.deepcopy(tiny_bert), copy.deepcopy(tiny_bert)
+    ak.attach(lora, ak.LoRAConfig(r=2, target_modules=["query", "value"]), "a")
+    ak.attach(mosa, ak.MoSAConfig(base=ak.LoRAConfig(r=2, target_modules=["query", "value"]), n_modules=2), "a")
+    mosa.activation_checkpointing_enable()  # the Trainer's own default would then switch the search off
+    for model, expected in ((lora, False), (mosa, True)):
+        for trainer in (ak.AdapterTrainer(model=model, args=args), ak.AdapterTrainer(model, args)):
+            assert trainer.args.ddp_find_unused_parameters is expected
+            assert trainer.accelerator.ddp_handler.find_unused_parameters is expected
+    assert args.ddp_find_unused_parameters is None  # the caller's arguments are not changed
+    chosen = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], ddp_find_unused_parameters=True)
+    assert ak.AdapterTrainer(model=lora, args=chosen).accelerator.ddp_handler.find_unused_parameters is True

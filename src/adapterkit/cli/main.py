@@ -82,6 +82,9 @@ def _add_train_args(parser: argparse.ArgumentParser, method: str, selected: Mapp
     if task != causal.CAUSAL_LM:  # data-parallel training: cli/train.py
         parser.add_argument("--nproc", type=int, default=1, help="local processes training data-parallel (DDP on "
                             "gloo): the same global batches as 1 process, each its share of the rows; rank 0 saves")
+        parser.add_argument("--collective-timeout", type=float, default=1800.0,
+                            help="with --nproc: seconds a process waits for the others at a collective before it "
+                                 "fails (torch's default)")
     taken = {"--debug", "-h", "--help", *(s for a in parser._actions for s in a.option_strings)}
     parser.add_argument("--targets", dest=DEST + "target_modules", type=parse_targets, default=argparse.SUPPRESS,
                         help="alias of --target-modules")

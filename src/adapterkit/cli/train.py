@@ -4,7 +4,8 @@ Everything that can be checked is checked before the first training step: the op
 method's config is built and validated first), the data file (every line), and the output
 format, by writing the freshly attached adapter to a temporary directory in that format.
 ``--nproc N`` does all of that in this process, then starts N local processes (torch.distributed's
-elastic launcher, gloo) that train data-parallel on the same global batches.
+elastic launcher, gloo) that train data-parallel on the same global batches; each collective waits
+at most ``--collective-timeout`` seconds for the other processes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import os
 import sys
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -107,36 +109,68 @@ def train(args: argparse.Namespace) -> int:
     nproc = getattr(args, "nproc", 1)
     if not isinstance(nproc, int) or nproc < 1:
         raise ConfigError(f"--nproc must be an integer >= 1, got {nproc!r}")
+    timeout = getattr(args, "collective_timeout", None)
+    if nproc > 1 and not (isinstance(timeout, (int, float)) and 0 < timeout < float("inf")):
+        raise ConfigError(f"--collective-timeout must be a number of seconds > 0, got {timeout!r}")
     run = _prepare(args)
     if nproc == 1:
         # two_pass_loss is the plain loss unless an active adapter asks for a consistency pass (MoSA)
         train_loop(run.model, run.batches, epochs=args.epochs, lr=run.lr, loss_fn=two_pass_loss)
         return _finish(run, args)
     del run  # each process builds its own
-    return max(distributed.launch(rank_main, nproc, (args,)).values())
+    results = distributed.launch(rank_main, nproc, (args,))
+    outcomes = sorted(results.values(), key=lambda r: r.rank)
+    if all(r.status == 0 for r in outcomes):
+        steps = sorted({r.steps for r in outcomes})
+        print(f"{len(outcomes)} processes (ranks {', '.join(str(r.rank) for r in outcomes)}) trained "
+              f"{' / '.join(map(str, steps))} optimizer steps each", flush=True)
+    return max(r.status for r in outcomes)
 
 
-def rank_main(args: argparse.Namespace) -> int:
+@dataclasses.dataclass(frozen=True)
+class RankOutcome:
+    """What one process of ``--nproc N`` reports back: its rank (from its process group), its exit
+    status (0, or 2 after an error it printed), and the optimizer steps it took part in."""
+
+    rank: int
+    status: int
+    steps: int
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+
+
+def rank_main(args: argparse.Namespace) -> RankOutcome:
     """One process of ``--nproc N``: the same model, adapter and global batches as ``--nproc 1``,
-    this rank's rows of each batch under DDP (:func:`adapterkit.train.distributed.train`); rank 0
-    evaluates and writes the adapter."""
+    this rank's rows of each batch under DDP (:func:`adapterkit.train.distributed.train`). Rank 0
+    then evaluates and writes the adapter on its own: the other ranks end after training rather
+    than wait for it (no collective would bound that wait by the work)."""
     import torch.distributed as dist
 
     from .main import _quiet_transformers
 
     _quiet_transformers()  # as the launching process did
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=timedelta(seconds=args.collective_timeout))
+    rank, world = distributed.rank_and_world()
+    steps = 0
     try:
-        rank, world = distributed.rank_and_world()
-        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))  # the cores, shared
-        try:
-            run = _prepare(args, announce=False)
-            if rank:  # dropout masks differ across ranks as they do across the rows of one batch
-                torch.manual_seed(args.seed + rank)
-            distributed.train(run.model, run.batches, epochs=args.epochs, lr=run.lr, loss_fn=two_pass_loss)
-            return distributed.on_main(_finish, run, args) or 0
-        except (AdapterError, OSError, ValueError) as error:  # what main() reports in one line
-            print(f"adapterkit: error (rank {rank}): {error}", file=sys.stderr, flush=True)
-            return 2
+        torch.set_num_threads(args.threads or max(1, usable_cores() // world))  # the cores, shared
+        run = _prepare(args, announce=False)
+        if rank:  # dropout masks differ across ranks as they do across the rows of one batch
+            torch.manual_seed(args.seed + rank)
+        steps = len(distributed.train(run.model, run.batches, epochs=args.epochs, lr=run.lr, loss_fn=two_pass_loss))
+    except (AdapterError, OSError, ValueError) as error:  # what main() reports in one line
+        print(f"adapterkit: error (rank {rank}): {error}", file=sys.stderr, flush=True)
+        return RankOutcome(rank, 2, steps)
     finally:
         dist.destroy_process_group()
+    if rank == 0:
+        try:
+            _finish(run, args)
+        except (AdapterError, OSError, ValueError) as error:
+            print(f"adapterkit: error (rank {rank}): {error}", file=sys.stderr, flush=True)
+            return RankOutcome(rank, 2, steps)
+    return RankOutcome(rank, 0, steps)

@@ -25,12 +25,17 @@ Settings and why (measured with gloo on CPU, torch 2.13; see tests/test_distribu
   base model's are constants while training (frozen batch-norm statistics stay in eval mode,
   :class:`~adapterkit.FrozenNormStatistics`), so re-broadcasting them every forward would only
   cost bandwidth; the initial sync still copies rank 0's values everywhere.
+* Collectives of these helpers (the draw check, :func:`on_main`) use :func:`collective_device`:
+  the CPU under gloo, the current CUDA device under NCCL (accelerate on GPUs).
+* Without the unused-parameter search, :func:`train` checks after the first step that every
+  trainable parameter got a gradient, and names the adapter modules that did not (a module the
+  forward never runs) instead of DDP's failure at the next step.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sized
 
 import torch
 import torch.distributed as dist
@@ -44,34 +49,20 @@ from ..errors import AdapterError, ConfigError
 from ..methods.mosa.consistency import active_consistency_weight, consistency_loss
 from ..methods.mosa.method import resample
 from . import draws
+from .collectives import (RankMismatchError, agree, collective_device, gather_ints, grouped, is_main, on_main,
+                          rank_and_world)
+from .launcher import RankFailedError, launch
 from .loop import train as train_loop
 
-Result = TypeVar("Result")
-MESSAGE_BYTES = 1024  # of rank 0's error message that on_main passes to the other ranks
-
-
-class RankMismatchError(AdapterError):
-    """Ranks disagree on what must be identical: per-step draws or trainable values."""
-
-
-class RankFailedError(AdapterError):
-    """A process started by :func:`launch` died (an uncaught error, a signal)."""
-
-
-def rank_and_world() -> tuple[int, int]:
-    """``(rank, world size)`` of the default process group; ``(0, 1)`` without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def is_main() -> bool:
-    """True on rank 0 (and without a process group)."""
-    return rank_and_world()[0] == 0
+__all__ = ["LossModule", "RankFailedError", "RankMismatchError", "Shard", "ShardedBatches", "batch_fingerprint",
+           "check_draws", "check_in_sync", "collective_device", "inner_model", "is_main", "launch", "may_skip_parameters",
+           "on_main", "rank_and_world", "shard_batch", "shard_loss", "train", "two_pass_in_one_forward", "wrap"]
+DRAWS_HINT = "every rank must attach the same adapters with the same seeds and call adapterkit.step once per optimizer step"
+BATCH_HINT = "every rank must be given the same global batches in the same order (each takes its own rows)"
 
 
 def _require_group() -> None:
-    if not (dist.is_available() and dist.is_initialized()):
+    if not grouped():
         raise ConfigError("no torch.distributed process group: call torch.distributed.init_process_group first "
                           "(torchrun / accelerate launch set up its environment)")
 
@@ -104,7 +95,9 @@ def _model_loss(model: nn.Module, batch: Any) -> Tensor:
 class LossModule(nn.Module):
     """The adapted model and its loss function as one module, so the whole loss — every pass
     of the model it needs — runs inside one DDP forward. ``forward(batch, weight)`` returns
-    ``weight · loss_fn(model, batch)`` (see :class:`Shard` for the weight)."""
+    ``weight · loss_fn(model, batch)`` (see :class:`Shard` for the weight); at weight 0 (a rank
+    without rows of its own, given row 0 of the batch) an exact zero instead, so a NaN loss of
+    that row (e.g. every label -100) cannot reach the global loss."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn | None = None) -> None:
         super().__init__()
@@ -112,7 +105,12 @@ class LossModule(nn.Module):
         self.loss_fn = loss_fn or _model_loss
 
     def forward(self, batch: Any, weight: float | Tensor = 1.0) -> Tensor:
-        return self.loss_fn(self.model, batch) * weight
+        loss = self.loss_fn(self.model, batch)
+        if isinstance(weight, Tensor) or weight != 0:
+            return loss * weight
+        # the row still runs, so DDP sees the parameters used that the other ranks use (MoSA's
+        # choice): skipping it would hand AdamW zero gradients where one process has none
+        return torch.where(torch.zeros((), dtype=torch.bool, device=loss.device), loss, torch.zeros_like(loss))
 
 
 def wrap(model: nn.Module, loss_fn: LossFn | None = None, **options: Any) -> DistributedDataParallel:
@@ -137,11 +135,13 @@ def inner_model(module: nn.Module) -> nn.Module:
 class Shard:
     """One rank's rows of a global batch. ``weight = rows · world / global rows`` makes the
     ranks' averaged gradient (DDP averages) that of the global batch's mean loss, also when the
-    rows do not divide evenly; a rank with no row of its own gets one row at weight 0."""
+    rows do not divide evenly; a rank with no row of its own gets one row at weight 0.
+    ``fingerprint`` identifies the global batch (:func:`batch_fingerprint`; 0: not known)."""
 
     batch: Any
     weight: float
     rows: int
+    fingerprint: int = 0
 
 
 def _rows(batch: Mapping[str, Any]) -> int:
@@ -150,6 +150,16 @@ def _rows(batch: Mapping[str, Any]) -> int:
         raise ConfigError(f"a batch to shard needs tensors that share their first (row) dimension, got sizes "
                           f"{sorted(sizes)}")
     return sizes.pop()
+
+
+def batch_fingerprint(batch: Mapping[str, Any]) -> int:
+    """A digest of a global batch's row count and of its first tensor (e.g. the token ids): equal
+    on all ranks when they were given the same batch. That tensor is copied to the CPU once."""
+    rows = _rows(batch)  # ConfigError without tensors
+    first = next(v for v in batch.values() if isinstance(v, Tensor) and v.dim() > 0)
+    data = first.detach().reshape(-1).cpu()
+    return draws.digest([f"{rows} {first.dtype} {tuple(first.shape)}".encode(),
+                         data.view(torch.uint8).numpy().tobytes()])
 
 
 def shard_batch(batch: Mapping[str, Any], rank: int, world: int) -> Shard:
@@ -161,13 +171,18 @@ def shard_batch(batch: Mapping[str, Any], rank: int, world: int) -> Shard:
     start, count = sum(bounds[:rank]), bounds[rank]
     rows = slice(start, start + count) if count else slice(0, 1)
     part = {k: v[rows] if isinstance(v, Tensor) and v.dim() > 0 else v for k, v in batch.items()}
-    return Shard(part, count * world / total, count)
+    return Shard(part, count * world / total, count, batch_fingerprint(batch))
 
 
 class ShardedBatches:
     """This rank's :class:`Shard` of every global batch of ``batches`` (re-iterable when
-    ``batches`` is, same length). One process with the global batches and N ranks with their
-    shards then see the same examples in the same order at every step."""
+    ``batches`` is; with a length when it has one). One process with the global batches and N
+    ranks with their shards then see the same examples in the same order at every step."""
+
+    def __new__(cls, batches: Iterable[Mapping[str, Any]], rank: int | None = None,
+                world: int | None = None) -> "ShardedBatches":
+        sized = cls is ShardedBatches and isinstance(batches, Sized)
+        return super().__new__(SizedShardedBatches if sized else cls)
 
     def __init__(self, batches: Iterable[Mapping[str, Any]], rank: int | None = None, world: int | None = None) -> None:
         own_rank, own_world = rank_and_world()
@@ -177,62 +192,118 @@ class ShardedBatches:
         if not 0 <= self.rank < self.world:
             raise ConfigError(f"rank {self.rank} outside a world of {self.world}")
 
-    def __len__(self) -> int:
-        return len(self.batches)  # type: ignore[arg-type]
-
     def __iter__(self) -> Iterator[Shard]:
         for batch in self.batches:
             yield shard_batch(batch, self.rank, self.world)
 
 
-def _gather(value: int) -> list[int]:
-    out = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, torch.tensor([value], dtype=torch.int64))
-    return [int(t) for t in out]
+class SizedShardedBatches(ShardedBatches):
+    """:class:`ShardedBatches` of batches with a length (what ``ShardedBatches(...)`` returns then)."""
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
 
 
-def _agree(values: list[int], what: str) -> None:
-    if len(set(values)) > 1:
-        groups = {v: [r for r, x in enumerate(values) if x == v] for v in values}
-        raise RankMismatchError(f"{what} differ across ranks (ranks grouped by value: {sorted(groups.values())}); "
-                                "every rank must attach the same adapters with the same seeds and call "
-                                "adapterkit.step once per optimizer step")
-
-
-def check_draws(model: nn.Module) -> None:
+def check_draws(model: nn.Module, shard: Shard | None = None) -> None:
     """Raise :class:`RankMismatchError` unless every rank's per-step draws agree (call after
-    :func:`adapterkit.step`; one all-gather of 8 bytes). A no-op without a process group."""
-    if rank_and_world()[1] > 1:
-        _agree(_gather(draws.fingerprint(model)), "per-step draws (DyLoRA ranks, MoSA module choices, ...)")
+    :func:`adapterkit.step`) and, given this rank's ``shard``, all ranks hold shards of the same
+    global batch (:attr:`Shard.fingerprint`). One all-gather of 8 bytes per rank (16 with a
+    shard). A no-op without a process group."""
+    if not grouped():
+        return
+    values = [draws.fingerprint(model)] + ([shard.fingerprint] if shard is not None else [])
+    gathered = gather_ints(values)
+    agree([v[0] for v in gathered], "per-step draws (DyLoRA ranks, MoSA module choices, ...)", DRAWS_HINT)
+    if shard is not None:
+        agree([v[1] for v in gathered], "global batches (row count and first tensor)", BATCH_HINT)
 
 
 def check_in_sync(model: nn.Module) -> None:
     """Raise :class:`RankMismatchError` unless every trainable value is bit-identical on all ranks."""
-    if rank_and_world()[1] > 1:
+    if grouped():
         params = [p.detach().cpu().contiguous() for p in inner_model(model).parameters() if p.requires_grad]
-        _agree(_gather(draws.digest(p.reshape(-1).view(torch.uint8).numpy().tobytes() for p in params)), "trainable values")
+        digest = draws.digest(p.reshape(-1).view(torch.uint8).numpy().tobytes() for p in params)
+        agree([v[0] for v in gather_ints([digest])], "trainable values", DRAWS_HINT)
 
 
 def shard_loss(ddp: nn.Module, shard: Shard) -> Tensor:
     """The loss function :func:`adapterkit.train` gets for a :func:`wrap` model and
-    :class:`ShardedBatches`: checks the step's draws, then one DDP forward of the weighted loss."""
-    check_draws(ddp)
+    :class:`ShardedBatches`: checks the step's draws and global batch, then one DDP forward of
+    the weighted loss."""
+    check_draws(ddp, shard)
     return ddp(shard.batch, shard.weight)
+
+
+class _GradientWatch:
+    """Which trainable parameters receive a gradient in the first step, for a DDP without the
+    unused-parameter search: one that gets none stalls DDP's reduction, and DDP itself only
+    reports it at the next step as parameter indices."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.seen: set[int] = set()
+        self.handles = [p.register_post_accumulate_grad_hook(lambda p: self.seen.add(id(p))) for _, p in self.params]
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def check(self) -> None:
+        """After the first backward: raise :class:`AdapterError` naming what got no gradient."""
+        if not self.handles:
+            return
+        self.close()
+        missing = {id(p): n for n, p in self.params if id(p) not in self.seen}
+        if not missing:
+            return
+        where: dict[str, set[str]] = {}
+        for state in adapted_states(self.model):
+            for name in state.adapters:
+                for path, layer in state.layers(name):
+                    for p in layer.parameters():
+                        if missing.pop(id(p), None) is not None:
+                            where.setdefault(name, set()).add(path or "<model>")
+        named = [f"adapter {name!r} on {sorted(paths)}" for name, paths in where.items()]
+        named += [f"parameter {n!r}" for n in missing.values()]
+        raise AdapterError(f"{'; '.join(named)} got no gradient in the first step (a module the forward does not "
+                           "run, or a loss that ignores it), but DDP was built without the unused-parameter search "
+                           "and would fail at the next step: attach adapters only to modules the forward uses, or "
+                           "pass ddp_options={'find_unused_parameters': True}")
 
 
 def train(model: nn.Module, batches: Iterable[Mapping[str, Any]], loss_fn: LossFn | None = None,
           ddp_options: Mapping[str, Any] | None = None, **options: Any) -> list[float]:
     """:func:`adapterkit.train` on this rank's share of ``batches`` (the global batches: every rank
     passes the same ones) under :func:`wrap`; returns the global batches' losses (equal on every
-    rank). ``options`` are :func:`adapterkit.train`'s; a progress bar shows on rank 0 only. After
-    training, the trainable values are checked to be identical on all ranks."""
+    rank). ``batches`` may be any iterable (with a length, the learning-rate schedule decays over
+    it). ``options`` are :func:`adapterkit.train`'s; a progress bar shows on rank 0 only. Without
+    the unused-parameter search, a trainable parameter that gets no gradient in the first step is
+    an :class:`AdapterError` naming its adapter and module. After training, the trainable values
+    are checked to be identical on all ranks."""
     _require_group()
     options.setdefault("progress", is_main())
     ddp = wrap(model, loss_fn, **dict(ddp_options or {}))
-    sharded = ShardedBatches(batches)
-    local = train_loop(ddp, sharded, loss_fn=shard_loss, **options)
+    watch = None if ddp.find_unused_parameters or ddp.static_graph else _GradientWatch(model)
+    calls = 0
+
+    def loss(module: nn.Module, shard: Shard) -> Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == 2 and watch is not None:  # the first backward is done
+            watch.check()
+        return shard_loss(module, shard)
+
+    try:
+        local = train_loop(ddp, ShardedBatches(batches), loss_fn=loss, **options)
+        if watch is not None:
+            watch.check()  # a run of one step
+    finally:
+        if watch is not None:
+            watch.close()
     check_in_sync(model)
-    summed = torch.tensor(local, dtype=torch.float64)
+    summed = torch.tensor(local, dtype=torch.float64, device=collective_device())
     dist.all_reduce(summed)  # each rank's weighted loss; their mean is the global batch's loss
     return (summed / dist.get_world_size()).tolist()
 
@@ -270,52 +341,3 @@ def two_pass_in_one_forward(ddp: DistributedDataParallel, inputs: Any) -> Any:
         handle.remove()
 
 
-def on_main(fn: Callable[..., Result], *args: Any, **kwargs: Any) -> Result | None:
-    """Run ``fn`` on rank 0 only (e.g. :func:`adapterkit.save`) while the other ranks wait; its
-    error is raised on every rank (as :class:`RankMismatchError` elsewhere), never a hang.
-    Returns ``fn``'s result on rank 0, ``None`` elsewhere."""
-    rank, world = rank_and_world()
-    if world == 1:
-        return fn(*args, **kwargs)
-    result, failure = None, ""
-    if rank == 0:
-        try:
-            result = fn(*args, **kwargs)
-        except BaseException as error:  # told to the others first, then re-raised here
-            failure = f"{type(error).__name__}: {error}"
-            _tell(failure)
-            raise
-    _tell(failure)
-    return result
-
-
-def _tell(failure: str) -> None:
-    """Rank 0's error message (empty: success) to every rank, as bytes (no pickling)."""
-    message = torch.zeros(MESSAGE_BYTES, dtype=torch.uint8)
-    data = failure.encode()[:MESSAGE_BYTES]
-    message[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else message[:0]
-    dist.broadcast(message, src=0)
-    text = bytes(message.tolist()).rstrip(b"\0").decode(errors="replace")
-    if text and dist.get_rank() != 0:
-        raise RankMismatchError(f"rank 0 failed: {text}")
-
-
-def launch(fn: Callable[..., Any], nproc: int, args: Sequence[Any] = ()) -> dict[int, Any]:
-    """Run ``fn(*args)`` in ``nproc`` local processes through ``torch.distributed.run``'s Python API
-    (elastic_launch, the engine behind ``torchrun --standalone``): each gets RANK, WORLD_SIZE and
-    a free MASTER_PORT in its environment. ``fn`` must be importable (a module-level function).
-    Returns each rank's return value; a rank that died raises :class:`RankFailedError`."""
-    import uuid
-
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
-        raise ConfigError(f"nproc must be an integer >= 1, got {nproc!r}")
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, start_method="spawn")
-    try:
-        return elastic_launch(config, fn)(*args)
-    except ChildFailedError as error:
-        failed = ", ".join(f"rank {rank} (exit status {f.exitcode})" for rank, f in sorted(error.failures.items()))
-        raise RankFailedError(f"{failed} failed; its error is printed above") from None

@@ -9,6 +9,8 @@ of the whole model.
 
 from __future__ import annotations
 
+import copy
+import inspect
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,7 +25,7 @@ from ..io.artefact import load
 from ..io.artefact import save
 from ..core.steps import step
 from ..methods.mosa.consistency import two_pass_loss
-from .distributed import check_draws, two_pass_in_one_forward
+from .distributed import check_draws, may_skip_parameters, two_pass_in_one_forward
 from .draws import read_draws, restore_generator_states, save_draws
 from .loop import FrozenNormStatistics
 
@@ -90,9 +92,16 @@ class AdapterTrainer(Trainer):
     also hold the adapters' per-step generator states (:mod:`adapterkit.train.draws`), so a resumed
     run draws DyLoRA ranks / MoSA choices as the uninterrupted run would. Only the main process
     writes adapter files (``args.should_save``).
+
+    Under DDP, ``ddp_find_unused_parameters`` left unset (``None``) is chosen from the adapters:
+    on only when a step may leave trainable parameters without a gradient
+    (:func:`~adapterkit.train.distributed.may_skip_parameters`: MoSA, an inactive adapter, a
+    Split). The Trainer's own default ignores that (off with gradient checkpointing, which breaks
+    MoSA; on otherwise, which costs a graph search and a warning every step).
     """
 
     def __init__(self, *args: Any, adapter_names: Sequence[str] | None = None, save_format: str = "adapterkit", **kwargs: Any) -> None:
+        args, kwargs = _with_unused_search(args, kwargs)
         super().__init__(*args, **kwargs)
         self.add_callback(StepCallback())
         self.adapter_names = list(adapter_names) if adapter_names is not None else None
@@ -126,6 +135,19 @@ class AdapterTrainer(Trainer):
     def _load_best_model(self) -> None:
         model = self.accelerator.unwrap_model(self.model)
         load_values(model, Path(self.state.best_model_checkpoint), self.adapter_names or adapters(model))
+
+
+def _with_unused_search(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The Trainer's arguments with ``ddp_find_unused_parameters`` chosen when it is unset; the
+    caller's ``TrainingArguments`` object is copied, not changed."""
+    bound = inspect.signature(Trainer.__init__).bind_partial(None, *args, **kwargs)
+    model, training_args = bound.arguments.get("model"), bound.arguments.get("args")
+    if model is None or training_args is None or training_args.ddp_find_unused_parameters is not None:
+        return args, kwargs
+    training_args = copy.copy(training_args)
+    training_args.ddp_find_unused_parameters = may_skip_parameters(model)
+    bound.arguments["args"] = training_args
+    return bound.args[1:], bound.kwargs
 
 
 class MoSATrainer(AdapterTrainer):
