@@ -311,7 +311,8 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         "batches": metrics["batches"], "mean_batch_size": metrics["mean_batch_size"],
         "batch_size_histogram": metrics["batch_size_histogram"],
         "rss": {"start": ys[0] if ys else None, "end": ys[-1] if ys else None, "max": max(ys) if ys else None,
-                "slope_bytes_per_1000_requests": slope_per_1000(rss), "samples": rss},
+                "slope_bytes_per_1000_requests": slope_per_1000(rss),
+                "second_half_slope_bytes_per_1000_requests": slope_per_1000(rss[len(rss) // 2:]), "samples": rss},
         "rss_per_loaded_adapter_approx": (rss_after_adapters - rss_before_adapters) / max(1, len(names) - len(churn)),
         "memory": {kind: {**e.memory.to_dict(), "fits_in_1gib": 2**30 // e.memory.held, "example": e.name}
                    for kind, e in sorted(kinds.items())},
@@ -350,7 +351,8 @@ def report(result: dict[str, Any]) -> str:
         + "/".join(f"{result['latency_ms'][k] or 0:.0f}" for k in ("p50", "p90", "p99"))
         + f" ms; {result['batches']} forwards, mean batch {result['mean_batch_size'] or 0:.1f} rows.", "",
         f"RSS after warm-up: start {r['start'] / mib if r['start'] else 0:.1f} MiB, end {r['end'] / mib if r['end'] else 0:.1f} MiB, "
-        f"max {r['max'] / mib if r['max'] else 0:.1f} MiB; slope {r['slope_bytes_per_1000_requests'] / mib:.3f} MiB per 1,000 requests.", "",
+        f"max {r['max'] / mib if r['max'] else 0:.1f} MiB; slope {r['slope_bytes_per_1000_requests'] / mib:.3f} MiB per 1,000 requests "
+        f"({r['second_half_slope_bytes_per_1000_requests'] / mib:.3f} over the second half of the samples: shape caches fill first).", "",
         "## Bytes per loaded adapter (MiniLM, query/value, r=8)", "",
         "| adapter | parameters | buffers | low-bit codes | held in process | file (safetensors) | fit in 1 GiB (held) |",
         "|---|---:|---:|---:|---:|---:|---:|",
