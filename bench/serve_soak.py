@@ -352,7 +352,7 @@ def report(result: dict[str, Any]) -> str:
         + f" ms; {result['batches']} forwards, mean batch {result['mean_batch_size'] or 0:.1f} rows.", "",
         f"RSS after warm-up: start {r['start'] / mib if r['start'] else 0:.1f} MiB, end {r['end'] / mib if r['end'] else 0:.1f} MiB, "
         f"max {r['max'] / mib if r['max'] else 0:.1f} MiB; slope {r['slope_bytes_per_1000_requests'] / mib:.3f} MiB per 1,000 requests "
-        f"({r['second_half_slope_bytes_per_1000_requests'] / mib:.3f} over the second half of the samples: shape caches fill first).", "",
+        f"({r['second_half_slope_bytes_per_1000_requests'] / mib:.3f} over the second half of the samples).", "",
         "## Bytes per loaded adapter (MiniLM, query/value, r=8)", "",
         "| adapter | parameters | buffers | low-bit codes | held in process | file (safetensors) | fit in 1 GiB (held) |",
         "|---|---:|---:|---:|---:|---:|---:|",
