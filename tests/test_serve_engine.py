@@ -171,6 +171,16 @@ def test_cli_builds_an_engine_from_a_model_directory_and_confines_startup_adapte
     with pytest.raises(ConfigError, match="--root"):
         serve_cli.adapter_root(_args())  # neither --root nor --adapters: never the current directory
     assert serve_cli.adapter_root(_args(adapters=[str(root / "a" / "x"), str(root / "b")])) == root.resolve()
+    # served under the directory's name, or NAME=DIR; two directories of one name need NAME=DIR
+    ak.save(source, root / "other" / "sst", "sst")
+    assert [n for n, _ in serve_cli.startup_adapters(_args(adapters=[str(root / "sst"), f"b={root / 'other' / 'sst'}"]))] == ["sst", "b"]
+    with pytest.raises(ConfigError, match="used twice"):
+        serve_cli.startup_adapters(_args(adapters=[str(root / "sst"), str(root / "other" / "sst")]))
+    with pytest.raises(ConfigError, match="invalid adapter name"):
+        serve_cli.startup_adapters(_args(adapters=[f"a b={root / 'sst'}"]))
+    args = build_parser().parse_args(["serve", "--model", str(model_dir), "--adapters", f"renamed={root / 'sst'}", "--max-length", "64"])
+    with serve_cli.build_engine(args) as engine:
+        assert engine.store.names() == ["renamed"]
     assert main(["serve", "--model", str(model_dir), "--adapters", str(root / "sst"), "--max-length", "65"]) == 2
     assert "65 tokens, the model has 64 positions" in capsys.readouterr().err
 

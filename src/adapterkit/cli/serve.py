@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from ..apps.serve import CAUSAL_LM, CLASSIFICATION, AdapterStore, Engine, EngineSettings
 from ..apps.serve.settings import DEFAULT_MAX_BODY_BYTES
+from ..core.build import check_adapter_name
 from ..errors import ConfigError, MissingFileError
 from ..io.layout import LABELS_FILE
 from ..io.safefiles import read_json
@@ -32,7 +33,8 @@ def register(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--model", default="minilm",
                    help=f"minilm (sentence classifier), {', '.join(sorted(MODELS))} (causal LM), or a local model "
                         "directory (a causal LM if its config names a ...ForCausalLM architecture, else an encoder)")
-    p.add_argument("--adapters", nargs="*", default=[], metavar="DIR", help="adapter directories loaded at start")
+    p.add_argument("--adapters", nargs="*", default=[], metavar="[NAME=]DIR",
+                   help="adapter directories loaded at start, each served under NAME (default: the directory's name)")
     p.add_argument("--root", default=None,
                    help="adapters load only from directories under this one (default: the deepest directory holding "
                         "every --adapters directory); relative paths in load requests are taken from it")
@@ -76,7 +78,24 @@ def _num_labels(args: argparse.Namespace) -> int:
     if args.num_labels is not None:
         return args.num_labels
     # the first adapter with a labels.json decides; the engine checks every adapter against the head
-    return next((adapter_classes(d) for d in args.adapters if Path(d, LABELS_FILE).is_file()), 2)
+    return next((adapter_classes(d) for _, d in startup_adapters(args) if Path(d, LABELS_FILE).is_file()), 2)
+
+
+def startup_adapters(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """``(name, directory)`` for each ``--adapters [NAME=]DIR`` (checked before any model loads):
+    two CLI-trained adapters both saved as 'default' are told apart by their directories."""
+    named = []
+    for item in args.adapters:
+        name, sep, directory = item.partition("=")
+        if not sep:
+            name, directory = Path(item).resolve().name, item
+        check_adapter_name(name)
+        named.append((name, Path(directory)))
+    names = [name for name, _ in named]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"--adapters: names {sorted({n for n in names if names.count(n) > 1})} are used twice; "
+                          "give NAME=DIR to tell them apart")
+    return named
 
 
 def load_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
@@ -95,7 +114,7 @@ def adapter_root(args: argparse.Namespace) -> Path:
         return Path(args.root)
     if not args.adapters:
         raise ConfigError("give --root (the directory adapters may be loaded from) or --adapters")
-    return Path(os.path.commonpath([Path(d).resolve().parent for d in args.adapters]))
+    return Path(os.path.commonpath([d.resolve().parent for _, d in startup_adapters(args)]))
 
 
 def build_engine(args: argparse.Namespace) -> Engine:
@@ -104,11 +123,11 @@ def build_engine(args: argparse.Namespace) -> Engine:
                               max_length=args.max_length, max_prompt_tokens=args.max_prompt_tokens,
                               max_new_tokens=args.max_new_tokens, max_adapters=args.max_adapters,
                               max_adapter_bytes=args.max_adapter_bytes)
-    root = adapter_root(args)
+    root, named = adapter_root(args), startup_adapters(args)
     model, tokenizer, task = load_model(args)
     store = AdapterStore(model, root)
-    for directory in args.adapters:
-        store.load(Path(directory).resolve())
+    for name, directory in named:
+        store.load(directory.resolve(), name)
     return Engine(model, tokenizer, store, settings, task=task)
 
 
