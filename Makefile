@@ -81,13 +81,15 @@ bench-translora: setup-llm
 	$(PY) bench/translora_report.py
 
 # Ranking-aware adapter (issue 13): photo tasks from `adapterkit fetch-data rank` (a no-op once built), every
-# row on seed 0 first, then seeds 1 and 2. Cells are cached in bench/work/rank/cells.json: rerun to continue.
+# row on seed 0 (~55 min on 2 cores), then seeds 1 and 2 of the rows the paper's claims rest on (~25 min a seed;
+# RANK_ROWS= runs every row). 5 epochs per learned row. Cells are cached in bench/work/rank/cells.json: rerun to continue.
 .PHONY: bench-rank
-RANK := $(PY) bench/rank_bench.py
+RANK := $(PY) bench/rank_bench.py --epochs 5
+RANK_ROWS ?= --rows adapter,ridge_agnostic,ridge_oracle,finetune,lora,no_pair,constant_text
 bench-rank: $(STAMP)
 	$(VENV)/bin/adapterkit fetch-data rank
 	$(RANK) --seeds 0
-	$(RANK) --seeds 1,2
+	$(RANK) --seeds 1,2 $(RANK_ROWS)
 	$(PY) bench/rank_report.py
 
 # Data-parallel scaling (issue 14): 1 vs 2 processes (DDP, gloo) on MiniLM for LoRA and MoSA: step time,

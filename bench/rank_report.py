@@ -282,12 +282,13 @@ def render(raw: dict[str, Any], cells: Cells) -> str:
                   + "; ".join(f"{label}: {image_counts(cells, t)}" for t, label in counted)
                   + ". A category with fewer than 2 images that show it is left out of the count ≥ 1 view.", ""]
     head = [f"A: {q}" for q in quality] + ["A mean"] + [label + suffix for t, label in counted for _, suffix in views(cells, t)]
-    lines += ["## SRCC", "", "| method | " + " | ".join(head) + " | trainable params A / B | train s A / B / B held-out |",
-              "|---" * (len(head) + 3) + "|"]
+    lines += ["## SRCC", "", "| method | " + " | ".join(head) + " | seeds | trainable params A / B | train s A / B / B held-out |",
+              "|---" * (len(head) + 4) + "|"]
     for row, label in METHODS:
         cols = [number(cells, "quality", row, instruction=q, std=False) for q in quality] + [number(cells, "quality", row)]
         cols += [number(cells, t, row, view=view) for t, _ in counted for view, _ in views(cells, t)]
-        cols += [f"{params(cells, 'quality', row)} / {params(cells, 'counting', row)}",
+        cols += [str(max((len(cells.runs(t, row)) for t, _ in TASKS), default=0)),
+                 f"{params(cells, 'quality', row)} / {params(cells, 'counting', row)}",
                  " / ".join(seconds(cells, t, row) for t, _ in TASKS)]
         lines.append(f"| {label} | " + " | ".join(cols) + " |")
     lines += ["", "Per-attribute columns: the mean over seeds. \"—\": cannot exist (no non-learned counter for "
